@@ -1,0 +1,19 @@
+"""vbpc: variational Bayesian deep learning with posterior correction, for PyTorch."""
+
+from .errors import NonFiniteError, SamplingError, StateDictMismatchError
+from .inference.ivon import IVON
+from .posterior import DiagonalGaussian, GaussianPosterior
+from .scope import Scope, select_parameters
+from .version import __version__
+
+__all__ = [
+    "IVON",
+    "DiagonalGaussian",
+    "GaussianPosterior",
+    "Scope",
+    "select_parameters",
+    "NonFiniteError",
+    "SamplingError",
+    "StateDictMismatchError",
+    "__version__",
+]

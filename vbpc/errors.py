@@ -1,0 +1,17 @@
+"""Exception types raised by vbpc.  Each message names the problem and the object involved."""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError", "SamplingError", "StateDictMismatchError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or statistic is NaN or infinite; no state was changed."""
+
+
+class SamplingError(RuntimeError):
+    """Misuse of a weight-sampling context (nested use, ``step`` without samples, ...)."""
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict or checkpoint does not match the object it is loaded into."""

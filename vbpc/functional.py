@@ -1,0 +1,206 @@
+r"""Functional core of vbpc's diagonal-Gaussian learners (ALGORITHMS.md §2).
+
+Each function mirrors one equation and comes in a single-tensor and a multi-tensor
+(``torch._foreach_*``) kernel, dispatched as in ``torch/optim/adam.py``.  Both kernels
+perform *the same IEEE operations in the same association* (ALGORITHMS.md §2.1 item 5),
+so they agree bit for bit with each other and with the reference IVON.
+
+Per parameter tensor, with ``ess`` :math:`\lambda` and ``weight_decay`` :math:`\delta`:
+
+.. math::
+
+    n &= z / \sqrt{\lambda (h+\delta)}                                    && (5),(10)\\
+    \bar x_k &= \bar x_{k-1} + (x_k-\bar x_{k-1})/k                       && (6)\\
+    \hat h &= (\overline{n\odot g}\odot(h+\delta))\cdot\lambda            && (6)\\
+    g &\leftarrow \beta_1 g + (1-\beta_1)\hat g                           && (7)\\
+    h &\leftarrow \beta_2 h + (1-\beta_2)\hat h
+        + \tfrac12(1-\beta_2)^2 (h-\hat h)^2/(h+\delta)                   && (8)\\
+    m &\leftarrow m - \eta_t\,\mathrm{clip}_\xi\big((g/c_t+\delta m)/(h+\delta)\big) && (9)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "gaussian_noise_",
+    "welford_",
+    "price_hessian_",
+    "gradsq_hessian_",
+    "ivon_update_",
+    "default_foreach",
+]
+
+
+def default_foreach(tensors: list[Tensor]) -> bool:
+    """Multi-tensor kernels when every tensor is a dense CUDA/CPU tensor (like torch.optim)."""
+    return all(type(t) is Tensor and t.device.type in ("cuda", "cpu") for t in tensors)
+
+
+# ----------------------------------------------------------------------------- (5), (10)
+def gaussian_noise_(
+    z: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *, foreach: Optional[bool] = None
+) -> list[Tensor]:
+    r"""Scale standard normals in place into posterior noise, eq. (5)/(10).
+
+    :math:`n = z / \mathrm{sqrt}(\lambda\cdot(h+\delta))` with add, multiply, ``sqrt`` and true
+    division (no ``rsqrt``), ALGORITHMS.md §2.1 item 3.  Returns ``z`` (now holding ``n``).
+    """
+    if foreach is None:
+        foreach = default_foreach(z)
+    if foreach:
+        denom = torch._foreach_add(hess, weight_decay)
+        torch._foreach_mul_(denom, ess)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_div_(z, denom)
+    else:
+        for zi, hi in zip(z, hess):
+            zi.div_(hi.add(weight_decay).mul_(ess).sqrt_())
+    return z
+
+
+# ----------------------------------------------------------------------------- (6)
+def welford_(avg: list[Tensor], x: list[Tensor], count: int, *, foreach: Optional[bool] = None) -> None:
+    r"""Fold sample ``count`` (1-based) into running means: :math:`\bar x_k=\bar x_{k-1}+(x_k-\bar x_{k-1})/k`.
+
+    For ``count == 1`` the sample is copied verbatim (eq. 6).  ``x`` is left unchanged.
+    """
+    if count < 1:
+        raise ValueError(f"welford_ count must be >= 1, got {count}")
+    if foreach is None:
+        foreach = default_foreach(avg)
+    if count == 1:
+        if foreach:
+            torch._foreach_copy_(avg, x)
+        else:
+            for a, xi in zip(avg, x):
+                a.copy_(xi)
+        return
+    if foreach:
+        d = torch._foreach_sub(x, avg)
+        torch._foreach_div_(d, float(count))
+        torch._foreach_add_(avg, d)
+    else:
+        for a, xi in zip(avg, x):
+            a.add_(xi.sub(a).div_(float(count)))
+
+
+def price_hessian_(
+    nxg: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *, foreach: Optional[bool] = None
+) -> list[Tensor]:
+    r"""Price (reparameterisation) Hessian estimate in place, eq. (5)-(6).
+
+    :math:`\hat h = (\overline{n\odot g}\odot(h+\delta))\cdot\lambda` with the **current**
+    (pre-update) :math:`h`; ``nxg`` is overwritten with :math:`\hat h` and returned.
+    """
+    if foreach is None:
+        foreach = default_foreach(nxg)
+    if foreach:
+        hw = torch._foreach_add(hess, weight_decay)
+        torch._foreach_mul_(nxg, hw)
+        torch._foreach_mul_(nxg, ess)
+    else:
+        for a, h in zip(nxg, hess):
+            a.mul_(h.add(weight_decay)).mul_(ess)
+    return nxg
+
+
+def gradsq_hessian_(gsq: list[Tensor], scale: float, *, foreach: Optional[bool] = None) -> list[Tensor]:
+    r"""Squared-gradient Hessian estimate in place: :math:`\hat h=\overline{g^2}\cdot s`, ``s`` = λ or 1 (§2)."""
+    if scale == 1.0:
+        return gsq
+    if foreach is None:
+        foreach = default_foreach(gsq)
+    if foreach:
+        torch._foreach_mul_(gsq, scale)
+    else:
+        for a in gsq:
+            a.mul_(scale)
+    return gsq
+
+
+# ----------------------------------------------------------------------------- (7)-(9)
+def ivon_update_(
+    means: list[Tensor],
+    momenta: list[Tensor],
+    hess: list[Tensor],
+    g_hat: list[Tensor],
+    h_hat: list[Tensor],
+    *,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    clip_radius: float,
+    bias_correction: float,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""One IVON update of :math:`(g, h, m)` in place, eqs. (7)-(9), ALGORITHMS.md §2.
+
+    .. math::
+        g &\leftarrow (\beta_1 g) + ((1-\beta_1)\hat g)\\
+        h &\leftarrow ((\beta_2 h) + ((1-\beta_2)\hat h)) + ((c\,(h-\hat h)^2)/(h+\delta)),
+            \quad c=\tfrac12(1-\beta_2)^2\\
+        m &\leftarrow m - (\eta_t\cdot\mathrm{clamp}(((g/c_t)+(\delta m))/(h+\delta),-\xi,\xi))
+
+    The mean step uses the **new** :math:`g` and :math:`h`.  ``eta`` is :math:`\eta_t`
+    (already rescaled by :math:`h_0+\delta` if requested) and ``bias_correction`` is
+    :math:`c_t = 1-\beta_1^t` (1 without debiasing).  ``g_hat`` and ``h_hat`` are consumed
+    as scratch buffers.  Association follows ALGORITHMS.md §2.1 item 5 exactly.
+    """
+    if foreach is None:
+        foreach = default_foreach(means)
+    one_m_b1 = 1.0 - beta1
+    one_m_b2 = 1.0 - beta2
+    c = 0.5 * one_m_b2**2
+    clip = math.isfinite(clip_radius)
+    if foreach:
+        # (7)
+        torch._foreach_mul_(momenta, beta1)
+        torch._foreach_mul_(g_hat, one_m_b1)
+        torch._foreach_add_(momenta, g_hat)
+        # (8): diff = (c * (h - h_hat)^2) / (h + delta), old h
+        hw = torch._foreach_add(hess, weight_decay)
+        diff = torch._foreach_sub(hess, h_hat)
+        torch._foreach_mul_(diff, diff)
+        torch._foreach_mul_(diff, c)
+        torch._foreach_div_(diff, hw)
+        torch._foreach_mul_(hess, beta2)
+        torch._foreach_mul_(h_hat, one_m_b2)
+        torch._foreach_add_(hess, h_hat)
+        torch._foreach_add_(hess, diff)
+        # (9), new g and h; g_hat/h_hat/diff reused as scratch
+        torch._foreach_copy_(hw, hess)
+        torch._foreach_add_(hw, weight_decay)
+        num = g_hat
+        torch._foreach_copy_(num, momenta)
+        if bias_correction != 1.0:
+            torch._foreach_div_(num, bias_correction)
+        torch._foreach_copy_(diff, means)
+        torch._foreach_mul_(diff, weight_decay)
+        torch._foreach_add_(num, diff)
+        torch._foreach_div_(num, hw)
+        if clip:
+            torch._foreach_clamp_min_(num, -clip_radius)
+            torch._foreach_clamp_max_(num, clip_radius)
+        torch._foreach_mul_(num, eta)
+        torch._foreach_sub_(means, num)
+    else:
+        for m, g, h, gh, hh in zip(means, momenta, hess, g_hat, h_hat):
+            g.mul_(beta1).add_(gh.mul_(one_m_b1))
+            hw = h.add(weight_decay)
+            diff = h.sub(hh)
+            diff.mul_(diff).mul_(c).div_(hw)
+            h.mul_(beta2).add_(hh.mul_(one_m_b2)).add_(diff)
+            torch.add(h, weight_decay, out=hw)
+            num = gh.copy_(g)
+            if bias_correction != 1.0:
+                num.div_(bias_correction)
+            num.add_(torch.mul(m, weight_decay, out=diff)).div_(hw)
+            if clip:
+                num.clamp_(-clip_radius, clip_radius)
+            m.sub_(num.mul_(eta))

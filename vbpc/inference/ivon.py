@@ -1,0 +1,578 @@
+r"""IVON: improved variational online Newton (ALGORITHMS.md §2), a ``torch.optim.Optimizer``.
+
+.. math::
+    \textbf{input}: &\ \text{lr } a,\ \text{ess }\lambda,\ h_0,\ \beta_1,\ \beta_2,\ \delta,\ S,\ \xi\\
+    \textbf{sample } s=1..S: &\ z_s\sim\mathcal N(0,I),\ n_s=z_s/\sqrt{\lambda(h+\delta)},\
+        \theta_s=m+n_s,\ \hat g_s=\nabla\bar\ell_B(\theta_s) \hfill (5)\\
+    \textbf{collect}: &\ \hat g=\overline{\hat g_s},\quad
+        \hat h=(\overline{n_s\odot\hat g_s}\odot(h+\delta))\cdot\lambda \hfill (6)\\
+    \textbf{update}: &\ t\leftarrow t+1,\ g\leftarrow\beta_1g+(1-\beta_1)\hat g \hfill (7)\\
+    &\ h\leftarrow\beta_2h+(1-\beta_2)\hat h+\tfrac12(1-\beta_2)^2(h-\hat h)^2/(h+\delta) \hfill (8)\\
+    &\ m\leftarrow m-\eta_t\,\mathrm{clip}_\xi\big((g/(1-\beta_1^t)+\delta m)/(h+\delta)\big),\
+        \eta_t=a(h_0+\delta) \hfill (9)
+
+Drop-in compatible with ``ivon.IVON`` 0.1.3 (same constructor, defaults and
+``sampled_params(train=...)`` protocol); the reference's defects listed in ALGORITHMS.md
+§2.2 are fixed.  ``parity=True`` follows the RNG/arithmetic contract of §2.1 so that
+trajectories equal the reference's bit for bit (fp32 and fp64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
+from ..functional import (
+    default_foreach,
+    gaussian_noise_,
+    gradsq_hessian_,
+    ivon_update_,
+    price_hessian_,
+    welford_,
+)
+from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
+
+__all__ = ["IVON"]
+
+HESS_APPROX = ("price", "gradsq")
+GRADSQ_SCALE = ("ess", "none")
+_STATE_VERSION = 1
+
+
+def _check_hparams(h: dict, where: str = "") -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter (NaN fails every check)."""
+    at = f" in {where}" if where else ""
+
+    def bad(name: str, rule: str) -> None:
+        raise ValueError(f"invalid {name}={h[name]!r}{at}: must be {rule}")
+
+    if not h["lr"] >= 0.0:
+        bad("lr", ">= 0")
+    if not h["ess"] > 0.0:
+        bad("ess", "> 0")
+    if not (h["hess_init"] > 0.0 and math.isfinite(h["hess_init"])):
+        bad("hess_init", "finite and > 0")
+    if not 0.0 <= h["beta1"] <= 1.0:
+        bad("beta1", "in [0, 1]")
+    if h["beta1"] == 1.0 and h["debias"]:
+        bad("beta1", "< 1 when debias=True (1 - beta1**t would be 0)")
+    if not 0.0 <= h["beta2"] <= 1.0:
+        bad("beta2", "in [0, 1]")
+    if not (h["weight_decay"] >= 0.0 and math.isfinite(h["weight_decay"])):
+        bad("weight_decay", "finite and >= 0")
+    if not h["clip_radius"] > 0.0:
+        bad("clip_radius", "> 0")
+    if h["hess_approx"] not in HESS_APPROX:
+        bad("hess_approx", f"one of {HESS_APPROX}")
+    if h["gradsq_scale"] not in GRADSQ_SCALE:
+        bad("gradsq_scale", f"one of {GRADSQ_SCALE}")
+
+
+class IVON(Optimizer):
+    r"""Improved Variational Online Newton (Shen et al., 2024), ALGORITHMS.md §2.
+
+    Args:
+        params: parameters, parameter groups, or ``(name, parameter)`` pairs (e.g. from
+            :func:`vbpc.select_parameters`).  Parameters with ``requires_grad=False`` get no
+            noise, decay or state.
+        lr: learning rate :math:`a` (on the SGD scale when ``rescale_lr``).
+        ess: effective sample size :math:`\lambda` (usually the training-set size).
+        hess_init: :math:`h_0`.  beta1, beta2: averaging of :math:`g` and :math:`h`.
+        weight_decay: :math:`\delta`, the prior precision divided by ``ess`` (coupled L2).
+        mc_samples: weight samples per step when ``step(closure)`` is used.
+        hess_approx: ``"price"`` (reparameterisation, default) or ``"gradsq"``.
+        clip_radius: elementwise clip :math:`\xi` of the preconditioned step.
+        sync: average collected statistics over ``torch.distributed`` ranks before a step.
+        debias: divide :math:`g` by :math:`1-\beta_1^t`.  rescale_lr: :math:`\eta=a(h_0+\delta)`.
+        parity: ``True``/``"ivon"`` follows the reference's RNG contract (§2.1): one
+            ``randn`` of the group's total numel (frozen parameters included) per group, in
+            the parameters' dtype.  Requires float32/float64 parameters on one device.
+        state_dtype: minimum dtype of ``m``, ``g``, ``h`` (default float32: bf16/fp16
+            parameters get fp32 master weights, §2.2 fix 5).
+        gradsq_scale: ``"ess"`` (:math:`\hat h=\lambda\overline{g^2}`) or ``"none"``.
+        foreach: use ``torch._foreach_*`` kernels (default: when all tensors are CPU/CUDA).
+
+    Use ``step(closure)``: the learner samples weights ``mc_samples`` times and calls
+    ``closure`` (which computes the loss and calls ``backward``) at each sample.  Or, as
+    with the reference, collect samples by hand and then call ``step()``::
+
+        for _ in range(mc):
+            with opt.sampled_params(train=True):
+                opt.zero_grad(); loss_fn(model(x), y).backward()
+        opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        hess_approx: str = "price",
+        clip_radius: float = float("inf"),
+        sync: bool = False,
+        debias: bool = True,
+        rescale_lr: bool = True,
+        *,
+        parity: Union[bool, str] = False,
+        state_dtype: torch.dtype = torch.float32,
+        gradsq_scale: str = "ess",
+        foreach: Optional[bool] = None,
+    ):
+        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+            raise ValueError(f"invalid mc_samples={mc_samples!r}: must be an int >= 1")
+        if parity not in (False, True, None, "ivon"):
+            raise ValueError(f"invalid parity={parity!r}: must be False, True or 'ivon'")
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"invalid state_dtype={state_dtype!r}: must be a floating torch.dtype")
+        defaults = dict(
+            lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            clip_radius=clip_radius, mc_samples=mc_samples, hess_approx=hess_approx, debias=debias,
+            rescale_lr=rescale_lr, gradsq_scale=gradsq_scale,
+        )
+        _check_hparams(defaults, "the constructor")
+        self.mc_samples = mc_samples
+        self.sync = bool(sync)
+        self.parity = "ivon" if parity in (True, "ivon") else None
+        self.state_dtype = state_dtype
+        self.foreach = foreach
+        self._count = 0  # samples collected since the last step
+        self._acc: dict[int, dict[str, list[Tensor]]] = {}  # per group: params, grad, stat
+        self._ws: dict[int, dict[str, Any]] = {}  # reusable buffers (noise, saved means)
+        self._active = False  # a sampled_params context is open
+        self._closure_owned = False  # step(closure) owns the current sample
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; ``(name, tensor)`` pairs are accepted on every torch version."""
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        params = list(params)
+        if params and all(isinstance(p, tuple) for p in params):
+            param_group = dict(param_group)
+            param_group["param_names"] = [n for n, _ in params]
+            param_group["params"] = [p for _, p in params]
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_hparams(merged, f"param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        self._ws.clear()
+
+    def _sdtype(self, p: Tensor) -> torch.dtype:
+        return _state_dtype(p.dtype, self.state_dtype)
+
+    def _state(self, p: Tensor, group: dict) -> dict:
+        """Per-parameter state, created lazily (so ``add_param_group`` works, fix 7)."""
+        st = self.state[p]
+        if not st:
+            sd = self._sdtype(p)
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["momentum"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
+            st["hess"] = torch.full_like(p, group["hess_init"], dtype=sd, memory_format=torch.contiguous_format)
+            if p.dtype != sd:
+                st["mean"] = p.detach().to(sd, copy=True)
+            st["wd_checked"] = float(group["weight_decay"])
+        return st
+
+    @staticmethod
+    def _trainable(group: dict) -> list[Tensor]:
+        return [p for p in group["params"] if p.requires_grad]
+
+    def _mean(self, p: Tensor) -> Tensor:
+        return self.state[p].get("mean", p)
+
+    def _use_foreach(self, tensors: list[Tensor]) -> bool:
+        return default_foreach(tensors) if self.foreach is None else self.foreach
+
+    @property
+    def current_step(self) -> int:
+        """Number of completed steps (the reference's attribute; saved in the state dict)."""
+        steps = [int(st["step"]) for st in self.state.values() if "step" in st]
+        return max(steps, default=0)
+
+    @property
+    def hess_approx(self) -> str:
+        return self.defaults["hess_approx"]
+
+    @property
+    def debias(self) -> bool:
+        return self.defaults["debias"]
+
+    @property
+    def rescale_lr(self) -> bool:
+        return self.defaults["rescale_lr"]
+
+    # ------------------------------------------------------------------ sampling
+    def _draw_noise(self, gi: int, group: dict, params: list[Tensor]) -> list[Tensor]:
+        """Standard normals for ``params`` (views of one flat draw), following §2.1 item 2."""
+        ws = self._ws.setdefault(gi, {})
+        if self.parity:
+            allp = group["params"]
+            dtypes, devices = {p.dtype for p in allp}, {p.device for p in allp}
+            if len(dtypes) > 1 or len(devices) > 1:
+                raise ValueError(f"parity mode needs one dtype and device per group; group {gi} has "
+                                 f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+            dtype, device = next(iter(dtypes)), next(iter(devices))
+            if self._sdtype(allp[0]) != dtype:
+                raise ValueError(f"parity mode needs float32/float64 parameters; group {gi} is {dtype}")
+            n = sum(p.numel() for p in allp)
+            buf = ws.get("z")
+            if buf is None or buf.numel() != n or buf.dtype != dtype or buf.device != device:
+                buf = ws["z"] = torch.empty(n, dtype=dtype, device=device)
+            torch.randn(n, out=buf)
+            views, off, train = [], 0, {id(p) for p in params}
+            for p in allp:
+                if id(p) in train:
+                    views.append(buf[off:off + p.numel()].view_as(p))
+                off += p.numel()
+            return views
+        # Default: one draw per (device, state dtype) bucket of trainable parameters.
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            buckets[(p.device, self._sdtype(p))].append(i)
+        views: list[Optional[Tensor]] = [None] * len(params)
+        for key, idx in buckets.items():
+            n = sum(params[i].numel() for i in idx)
+            buf = ws.get(key)
+            if buf is None or buf.numel() != n:
+                buf = ws[key] = torch.empty(n, dtype=key[1], device=key[0])
+            torch.randn(n, out=buf)
+            off = 0
+            for i in idx:
+                views[i] = buf[off:off + params[i].numel()].view_as(params[i])
+                off += params[i].numel()
+        return views  # type: ignore[return-value]
+
+    def _draw_sample(self) -> list[tuple[int, list[Tensor], list[Tensor]]]:
+        """Draw noise for every group: ``[(group index, params, noise n)]`` (eq. 5)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            params = self._trainable(group)
+            if not params and not self.parity:
+                continue
+            hess = [self._state(p, group)["hess"] for p in params]
+            z = self._draw_noise(gi, group, params)
+            if params:
+                gaussian_noise_(z, hess, group["ess"], group["weight_decay"], foreach=self._use_foreach(z))
+                out.append((gi, params, z))
+        return out
+
+    def _sample_context(self, owner: str):
+        draw = self._draw_sample()
+        targets = [p for _, ps, _ in draw for p in ps]
+        names = self._names(targets)
+        ws = self._ws.setdefault(-1, {})
+        saved = ws.get("saved")
+        if saved is None or len(saved) != len(targets) or any(
+                s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(saved, targets)):
+            saved = ws["saved"] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in targets]
+
+        def write() -> None:
+            for gi, params, noise in draw:
+                same = [i for i, p in enumerate(params) if "mean" not in self.state[p]]
+                if len(same) == len(params) and self._use_foreach(params):
+                    torch._foreach_add_(params, noise)
+                else:
+                    for i, (p, n) in enumerate(zip(params, noise)):
+                        if i in same:
+                            p.add_(n)
+                        else:
+                            p.copy_(self.state[p]["mean"] + n)
+
+        return draw, perturbation(targets, names, owner, write, saved)
+
+    @contextmanager
+    def sampled_params(self, train: bool = False) -> Iterator[None]:
+        """Load a weight sample :math:`\\theta=m+n` into the parameters (in place).
+
+        On exit the means are restored bitwise (also after an exception, which drops the
+        sample).  With ``train=True`` the gradients left in ``p.grad`` are collected as one
+        MC sample (``grad is None`` counts as zero).  Inside ``step(closure)`` the step
+        already owns a sample, so this context is then a no-op (reference-style closures
+        keep working).
+        """
+        if self._closure_owned:
+            yield
+            return
+        if self._active:
+            raise SamplingError("IVON.sampled_params: a weight sample is already active; contexts cannot be nested")
+        draw, ctx = self._sample_context("IVON.sampled_params")
+        with ctx:
+            self._active = True
+            try:
+                yield
+            finally:
+                self._active = False
+        if train:
+            self._collect(draw)
+
+    def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> None:
+        """Fold the gradients of one sample into Welford means (eq. 6, §2.1 item 4)."""
+        self._count += 1
+        k = self._count
+        for gi, params, noise in draw:
+            acc = self._acc.get(gi)
+            if acc is None or k == 1:
+                prev = self._ws.setdefault(gi, {}).get("acc")
+                if prev is not None and len(prev["params"]) == len(params) and all(
+                        a is b for a, b in zip(prev["params"], params)):
+                    acc = prev
+                else:
+                    acc = {"params": list(params), "grad": [torch.empty_like(n) for n in noise],
+                           "stat": [torch.empty_like(n) for n in noise]}
+                    self._ws[gi]["acc"] = acc
+                self._acc[gi] = acc
+            elif len(acc["params"]) != len(params) or any(a is not b for a, b in zip(acc["params"], params)):
+                self._reset_samples()
+                raise SamplingError(f"the trainable parameters of group {gi} changed between MC samples of one step")
+            grads = [
+                torch.zeros_like(n) if p.grad is None else (p.grad if p.grad.dtype == n.dtype else p.grad.to(n.dtype))
+                for p, n in zip(params, noise)
+            ]
+            fe = self._use_foreach(grads)
+            welford_(acc["grad"], grads, k, foreach=fe)
+            hess_approx = self.param_groups[gi]["hess_approx"]
+            stat = torch._foreach_mul(noise, grads) if hess_approx == "price" else torch._foreach_mul(grads, grads)
+            welford_(acc["stat"], stat, k, foreach=fe)
+
+    def _reset_samples(self) -> None:
+        self._count = 0
+        self._acc = {}
+
+    def _names(self, params: list[Tensor]) -> list[str]:
+        lookup: dict[int, str] = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                lookup[id(p)] = names[j] if names else f"param_groups[{gi}].params[{j}]"
+        return [lookup[id(p)] for p in params]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One IVON step (eqs. 7-10) from the collected samples.
+
+        With ``closure`` (computes the loss, calls ``backward``, returns the loss), the
+        learner draws ``mc_samples`` weight samples itself and returns the mean loss.
+        Non-finite losses or statistics raise :class:`~vbpc.errors.NonFiniteError` before any
+        state changes; the collected samples are dropped.
+        """
+        if self._active:
+            raise SamplingError("IVON.step() called inside sampled_params(); leave the context first")
+        losses: list[Tensor] = []
+        if closure is not None:
+            try:
+                for _ in range(self.mc_samples):
+                    draw, ctx = self._sample_context("IVON.step")
+                    with ctx:
+                        self._closure_owned = True
+                        try:
+                            with torch.enable_grad():
+                                loss = closure()
+                        finally:
+                            self._closure_owned = False
+                    self._collect(draw)
+                    losses.append(torch.as_tensor(loss).detach())
+            except BaseException:
+                self._reset_samples()
+                raise
+        if self._count == 0:
+            raise SamplingError(
+                "IVON.step() called with no collected sample: compute the loss and call backward "
+                "inside `with optimizer.sampled_params(train=True):`, or pass a closure to step()"
+            )
+        try:
+            self._check_finite(losses)
+            if self.sync and dist.is_available() and dist.is_initialized():
+                self._sync_samples()
+            self._check_groups()
+            self._update()
+        finally:
+            self._reset_samples()
+        if not losses:
+            return None
+        return sum(losses[1:], losses[0]) / len(losses)
+
+    def _check_finite(self, losses: list[Tensor]) -> None:
+        tensors = [t for acc in self._acc.values() for t in acc["grad"] + acc["stat"]]
+        if not tensors and not losses:
+            return
+        norms = list(torch._foreach_norm(tensors, ord=float("inf"))) if tensors else []
+        dev = tensors[0].device if tensors else losses[0].device
+        flags = torch.stack([n.to(dev, torch.float32) for n in norms] + [l.float().to(dev).reshape(()) for l in losses])
+        if bool(torch.isfinite(flags).all()):
+            return
+        bad_loss = [i for i, l in enumerate(losses) if not bool(torch.isfinite(l).all())]
+        if bad_loss:
+            raise NonFiniteError(f"the closure returned a non-finite loss ({losses[bad_loss[0]].item()}) at MC "
+                                 f"sample {bad_loss[0]}; the step was skipped and no state changed")
+        for acc in self._acc.values():
+            for p, g, s in zip(acc["params"], acc["grad"], acc["stat"]):
+                if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(s).all())):
+                    raise NonFiniteError(f"non-finite gradient for parameter {self._names([p])[0]!r} (shape "
+                                         f"{tuple(p.shape)}); the step was skipped and no state changed")
+        raise NonFiniteError("non-finite statistics; the step was skipped and no state changed")
+
+    def _sync_samples(self) -> None:
+        """Average the collected means over ranks (only accumulators that exist, fix 6)."""
+        world = dist.get_world_size()
+        for acc in self._acc.values():
+            for t in acc["grad"] + acc["stat"]:
+                dist.all_reduce(t)
+                t.div_(world)
+
+    def _check_groups(self) -> None:
+        """Re-validate hyperparameters (schedulers act at once) and ``h+δ>0`` after δ changed."""
+        for gi, group in enumerate(self.param_groups):
+            _check_hparams(group, f"param group {gi}")
+            wd = float(group["weight_decay"])
+            for p in self._acc.get(gi, {}).get("params", []):
+                st = self.state[p]
+                if st["wd_checked"] != wd:
+                    if not bool((st["hess"] + wd > 0).all()):
+                        raise ValueError(f"weight_decay changed to {wd} in param group {gi}: h + weight_decay "
+                                         f"is not positive for {self._names([p])[0]!r}")
+        for gi, group in enumerate(self.param_groups):
+            for p in self._acc.get(gi, {}).get("params", []):
+                self.state[p]["wd_checked"] = float(group["weight_decay"])
+
+    def _update(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            acc = self._acc.get(gi)
+            if acc is None:
+                continue
+            params = acc["params"]
+            states = [self.state[p] for p in params]
+            for st in states:
+                st["step"] += 1
+            ess, wd = group["ess"], group["weight_decay"]
+            hess = [st["hess"] for st in states]
+            fe = self._use_foreach(hess)
+            if group["hess_approx"] == "price":
+                h_hat = price_hessian_(acc["stat"], hess, ess, wd, foreach=fe)
+            else:
+                h_hat = gradsq_hessian_(acc["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
+            lr = group["lr"]
+            eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
+            by_step: dict[float, list[int]] = defaultdict(list)
+            for i, st in enumerate(states):
+                by_step[float(st["step"])].append(i)
+            for t, idx in by_step.items():
+                c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
+
+                def pick(xs: list[Tensor]) -> list[Tensor]:
+                    return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+
+                ivon_update_(
+                    pick([st.get("mean", p) for st, p in zip(states, params)]),
+                    pick([st["momentum"] for st in states]),
+                    pick(hess), pick(acc["grad"]), pick(h_hat),
+                    eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
+                    clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe,
+                )
+            for p, st in zip(params, states):
+                if "mean" in st:
+                    p.copy_(st["mean"])
+
+    # ------------------------------------------------------------------ posterior view
+    def posterior(self, model: Optional[nn.Module] = None) -> DiagonalGaussian:
+        """The current posterior as a :class:`~vbpc.DiagonalGaussian` sharing this optimizer's
+        tensors (no copy).  Names come from ``(name, param)`` groups, from ``model``, or are
+        positional.  ``ess``/``weight_decay`` are the groups' values at call time."""
+        names: dict[int, str] = {}
+        if model is not None:
+            for n, p in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), n)
+        entries = []
+        for gi, group in enumerate(self.param_groups):
+            for p in self._trainable(group):
+                st = self._state(p, group)
+                name = names.get(id(p)) or self._names([p])[0]
+                entries.append(_Entry(name, st.get("mean", p), st["hess"], float(group["ess"]),
+                                      float(group["weight_decay"]), target=p))
+        return DiagonalGaussian(entries)
+
+    # ------------------------------------------------------------------ serialization
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus vbpc's flags; step counters are in each state."""
+        if self._active or self._count:
+            raise SamplingError("IVON.state_dict() while samples are pending: call step() first "
+                                "(a sampled context or collected gradients would be lost)")
+        sd = super().state_dict()
+        sd["vbpc"] = {"version": _STATE_VERSION, "mc_samples": self.mc_samples, "sync": self.sync,
+                      "parity": self.parity, "state_dtype": str(self.state_dtype).replace("torch.", "")}
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, moving state to each parameter's device but keeping fp32 state.
+
+        Everything is validated first: on any mismatch a
+        :class:`~vbpc.errors.StateDictMismatchError` names it and nothing changes.
+        """
+        if self._active or self._count:
+            raise SamplingError("IVON.load_state_dict() while samples are pending")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise StateDictMismatchError(f"optimizer state dict lacks {key!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise StateDictMismatchError(f"state dict has {len(saved_groups)} param groups, optimizer has "
+                                         f"{len(self.param_groups)}")
+        id_map: dict[Any, Tensor] = {}
+        new_groups = []
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise StateDictMismatchError(f"param group {gi}: state dict has {len(sg['params'])} parameters, "
+                                             f"optimizer has {len(g['params'])}")
+            id_map.update(zip(sg["params"], g["params"]))
+            ng = {**g, **{k: v for k, v in sg.items() if k != "params"}, "params": g["params"]}
+            for k in self.defaults:
+                ng.setdefault(k, self.defaults[k])
+            _check_hparams(ng, f"saved param group {gi}")
+            new_groups.append(ng)
+        new_state: defaultdict = defaultdict(dict)
+        for idx, st in state_dict["state"].items():
+            if idx not in id_map:
+                raise StateDictMismatchError(f"state dict has state for unknown parameter index {idx}")
+            p = id_map[idx]
+            missing = {"step", "momentum", "hess"} - set(st)
+            if missing:
+                raise StateDictMismatchError(f"state of parameter {idx} lacks {sorted(missing)} (not an IVON state?)")
+            out = {}
+            for k, v in st.items():
+                if isinstance(v, Tensor) and k != "step":
+                    if v.shape != p.shape:
+                        raise StateDictMismatchError(f"state {k!r} of parameter {idx} has shape {tuple(v.shape)}, "
+                                                     f"parameter has {tuple(p.shape)}")
+                    out[k] = v.to(device=p.device, dtype=self._sdtype(p), copy=True)
+                elif k == "step":
+                    out[k] = torch.as_tensor(v, dtype=torch.float32).detach().clone().cpu()
+                else:
+                    out[k] = v
+            out.setdefault("wd_checked", -1.0)
+            new_state[p] = out
+        extra = state_dict.get("vbpc", {})
+        # commit
+        self.state = new_state
+        self.param_groups = new_groups
+        self.mc_samples = int(extra.get("mc_samples", new_groups[0]["mc_samples"] if new_groups else 1))
+        self.sync = bool(extra.get("sync", self.sync))
+        self.parity = extra.get("parity", self.parity)
+        if "state_dtype" in extra:
+            self.state_dtype = getattr(torch, extra["state_dtype"])
+        self._ws.clear()
+        self._reset_samples()
