@@ -162,8 +162,9 @@ class IVON(Optimizer):
         if isinstance(params, Tensor):
             params = [params]
         params = list(params)
+        param_group = dict(param_group)
+        param_group["params"] = params
         if params and all(isinstance(p, tuple) for p in params):
-            param_group = dict(param_group)
             param_group["param_names"] = [n for n, _ in params]
             param_group["params"] = [p for _, p in params]
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -182,6 +183,10 @@ class IVON(Optimizer):
             st["step"] = torch.zeros((), dtype=torch.float32)
             st["momentum"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
             st["hess"] = torch.full_like(p, group["hess_init"], dtype=sd, memory_format=torch.contiguous_format)
+            if self.parity:
+                # The reference adds torch.as_tensor(hess_init), i.e. h0 rounded to the default
+                # dtype (float32), even for float64 parameters; reproduced only under parity.
+                st["hess"].zero_().add_(torch.as_tensor(group["hess_init"]))
             if p.dtype != sd:
                 st["mean"] = p.detach().to(sd, copy=True)
             st["wd_checked"] = float(group["weight_decay"])
