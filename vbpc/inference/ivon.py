@@ -269,6 +269,7 @@ class IVON(Optimizer):
             if not params and not self.parity:
                 continue
             hess = [self._state(p, group)["hess"] for p in params]
+            self._check_positivity(gi, group, params)
             z = self._draw_noise(gi, group, params)
             if params:
                 gaussian_noise_(z, hess, group["ess"], group["weight_decay"], foreach=self._use_foreach(z))
@@ -400,10 +401,10 @@ class IVON(Optimizer):
                 "inside `with optimizer.sampled_params(train=True):`, or pass a closure to step()"
             )
         try:
+            self._check_groups()
             self._check_finite(losses)
             if self.sync and dist.is_available() and dist.is_initialized():
                 self._sync_samples()
-            self._check_groups()
             self._update()
         finally:
             self._reset_samples()
@@ -440,19 +441,21 @@ class IVON(Optimizer):
                 t.div_(world)
 
     def _check_groups(self) -> None:
-        """Re-validate hyperparameters (schedulers act at once) and ``h+δ>0`` after δ changed."""
+        """Re-validate hyperparameters (schedulers act at once), before any state changes."""
         for gi, group in enumerate(self.param_groups):
             _check_hparams(group, f"param group {gi}")
-            wd = float(group["weight_decay"])
-            for p in self._acc.get(gi, {}).get("params", []):
-                st = self.state[p]
-                if st["wd_checked"] != wd:
-                    if not bool((st["hess"] + wd > 0).all()):
-                        raise ValueError(f"weight_decay changed to {wd} in param group {gi}: h + weight_decay "
-                                         f"is not positive for {self._names([p])[0]!r}")
-        for gi, group in enumerate(self.param_groups):
-            for p in self._acc.get(gi, {}).get("params", []):
-                self.state[p]["wd_checked"] = float(group["weight_decay"])
+            self._check_positivity(gi, group, self._acc.get(gi, {}).get("params", []))
+
+    def _check_positivity(self, gi: int, group: dict, params: list[Tensor]) -> None:
+        """(11) needs δ non-decreasing: re-check ``h+δ>0`` whenever δ changed (cheap otherwise)."""
+        wd = float(group["weight_decay"])
+        changed = [p for p in params if self.state[p]["wd_checked"] != wd]
+        for p in changed:
+            if not bool((self.state[p]["hess"] + wd > 0).all()):
+                raise ValueError(f"weight_decay changed to {wd} in param group {gi}: h + weight_decay "
+                                 f"is not positive for {self._names([p])[0]!r}")
+        for p in changed:
+            self.state[p]["wd_checked"] = wd
 
     def _update(self) -> None:
         for gi, group in enumerate(self.param_groups):
