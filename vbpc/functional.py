@@ -3,7 +3,9 @@ r"""Functional core of vbpc's diagonal-Gaussian learners (ALGORITHMS.md §2).
 Each function mirrors one equation and comes in a single-tensor and a multi-tensor
 (``torch._foreach_*``) kernel, dispatched as in ``torch/optim/adam.py``.  Both kernels
 perform *the same IEEE operations in the same association* (ALGORITHMS.md §2.1 item 5),
-so they agree bit for bit with each other and with the reference IVON.
+so they agree bit for bit with each other and with the reference IVON.  Callers may pass
+preallocated ``scratch`` tensors: the hot loop then allocates nothing (large CPU
+allocations cost page faults, often more than the arithmetic).
 
 Per parameter tensor, with ``ess`` :math:`\lambda` and ``weight_decay`` :math:`\delta`:
 
@@ -35,15 +37,31 @@ __all__ = [
     "default_foreach",
 ]
 
+Scratch = Optional[list[Tensor]]
+
 
 def default_foreach(tensors: list[Tensor]) -> bool:
-    """Multi-tensor kernels when every tensor is a dense CUDA/CPU tensor (like torch.optim)."""
+    """Multi-tensor kernels when every tensor is a dense CUDA or CPU tensor."""
     return all(type(t) is Tensor and t.device.type in ("cuda", "cpu") for t in tensors)
+
+
+def _shift(src: list[Tensor], scalar: float, out: Scratch, foreach: bool) -> list[Tensor]:
+    """``out = src + scalar`` (one add per element; ``out`` reused when given)."""
+    if out is None:
+        return torch._foreach_add(src, scalar) if foreach else [s.add(scalar) for s in src]
+    if foreach:
+        torch._foreach_copy_(out, src)
+        torch._foreach_add_(out, scalar)
+    else:
+        for o, s in zip(out, src):
+            torch.add(s, scalar, out=o)
+    return out
 
 
 # ----------------------------------------------------------------------------- (5), (10)
 def gaussian_noise_(
-    z: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *, foreach: Optional[bool] = None
+    z: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *,
+    scratch: Scratch = None, foreach: Optional[bool] = None,
 ) -> list[Tensor]:
     r"""Scale standard normals in place into posterior noise, eq. (5)/(10).
 
@@ -52,19 +70,21 @@ def gaussian_noise_(
     """
     if foreach is None:
         foreach = default_foreach(z)
+    denom = _shift(hess, weight_decay, scratch, foreach)
     if foreach:
-        denom = torch._foreach_add(hess, weight_decay)
         torch._foreach_mul_(denom, ess)
         torch._foreach_sqrt_(denom)
         torch._foreach_div_(z, denom)
     else:
-        for zi, hi in zip(z, hess):
-            zi.div_(hi.add(weight_decay).mul_(ess).sqrt_())
+        for zi, d in zip(z, denom):
+            zi.div_(d.mul_(ess).sqrt_())
     return z
 
 
 # ----------------------------------------------------------------------------- (6)
-def welford_(avg: list[Tensor], x: list[Tensor], count: int, *, foreach: Optional[bool] = None) -> None:
+def welford_(
+    avg: list[Tensor], x: list[Tensor], count: int, *, scratch: Scratch = None, foreach: Optional[bool] = None,
+) -> None:
     r"""Fold sample ``count`` (1-based) into running means: :math:`\bar x_k=\bar x_{k-1}+(x_k-\bar x_{k-1})/k`.
 
     For ``count == 1`` the sample is copied verbatim (eq. 6).  ``x`` is left unchanged.
@@ -81,16 +101,23 @@ def welford_(avg: list[Tensor], x: list[Tensor], count: int, *, foreach: Optiona
                 a.copy_(xi)
         return
     if foreach:
-        d = torch._foreach_sub(x, avg)
+        if scratch is None:
+            d = torch._foreach_sub(x, avg)
+        else:
+            d = scratch
+            torch._foreach_copy_(d, x)
+            torch._foreach_sub_(d, avg)
         torch._foreach_div_(d, float(count))
         torch._foreach_add_(avg, d)
     else:
-        for a, xi in zip(avg, x):
-            a.add_(xi.sub(a).div_(float(count)))
+        for i, (a, xi) in enumerate(zip(avg, x)):
+            d = torch.sub(xi, a) if scratch is None else torch.sub(xi, a, out=scratch[i])
+            a.add_(d.div_(float(count)))
 
 
 def price_hessian_(
-    nxg: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *, foreach: Optional[bool] = None
+    nxg: list[Tensor], hess: list[Tensor], ess: float, weight_decay: float, *,
+    scratch: Scratch = None, foreach: Optional[bool] = None,
 ) -> list[Tensor]:
     r"""Price (reparameterisation) Hessian estimate in place, eq. (5)-(6).
 
@@ -99,13 +126,13 @@ def price_hessian_(
     """
     if foreach is None:
         foreach = default_foreach(nxg)
+    hw = _shift(hess, weight_decay, scratch, foreach)
     if foreach:
-        hw = torch._foreach_add(hess, weight_decay)
         torch._foreach_mul_(nxg, hw)
         torch._foreach_mul_(nxg, ess)
     else:
-        for a, h in zip(nxg, hess):
-            a.mul_(h.add(weight_decay)).mul_(ess)
+        for a, w in zip(nxg, hw):
+            a.mul_(w).mul_(ess)
     return nxg
 
 
@@ -137,6 +164,7 @@ def ivon_update_(
     weight_decay: float,
     clip_radius: float,
     bias_correction: float,
+    scratch: Optional[tuple[list[Tensor], list[Tensor]]] = None,
     foreach: Optional[bool] = None,
 ) -> None:
     r"""One IVON update of :math:`(g, h, m)` in place, eqs. (7)-(9), ALGORITHMS.md §2.
@@ -150,7 +178,8 @@ def ivon_update_(
     The mean step uses the **new** :math:`g` and :math:`h`.  ``eta`` is :math:`\eta_t`
     (already rescaled by :math:`h_0+\delta` if requested) and ``bias_correction`` is
     :math:`c_t = 1-\beta_1^t` (1 without debiasing).  ``g_hat`` and ``h_hat`` are consumed
-    as scratch buffers.  Association follows ALGORITHMS.md §2.1 item 5 exactly.
+    as scratch, as are the two optional ``scratch`` lists.  Association follows
+    ALGORITHMS.md §2.1 item 5 exactly.
     """
     if foreach is None:
         foreach = default_foreach(means)
@@ -158,14 +187,20 @@ def ivon_update_(
     one_m_b2 = 1.0 - beta2
     c = 0.5 * one_m_b2**2
     clip = math.isfinite(clip_radius)
+    s1, s2 = scratch if scratch is not None else (None, None)
     if foreach:
         # (7)
         torch._foreach_mul_(momenta, beta1)
         torch._foreach_mul_(g_hat, one_m_b1)
         torch._foreach_add_(momenta, g_hat)
         # (8): diff = (c * (h - h_hat)^2) / (h + delta), old h
-        hw = torch._foreach_add(hess, weight_decay)
-        diff = torch._foreach_sub(hess, h_hat)
+        hw = _shift(hess, weight_decay, s1, True)
+        if s2 is None:
+            diff = torch._foreach_sub(hess, h_hat)
+        else:
+            diff = s2
+            torch._foreach_copy_(diff, hess)
+            torch._foreach_sub_(diff, h_hat)
         torch._foreach_mul_(diff, diff)
         torch._foreach_mul_(diff, c)
         torch._foreach_div_(diff, hw)
@@ -173,9 +208,8 @@ def ivon_update_(
         torch._foreach_mul_(h_hat, one_m_b2)
         torch._foreach_add_(hess, h_hat)
         torch._foreach_add_(hess, diff)
-        # (9), new g and h; g_hat/h_hat/diff reused as scratch
-        torch._foreach_copy_(hw, hess)
-        torch._foreach_add_(hw, weight_decay)
+        # (9), new g and h; g_hat/diff reused as scratch
+        _shift(hess, weight_decay, hw, True)
         num = g_hat
         torch._foreach_copy_(num, momenta)
         if bias_correction != 1.0:
@@ -190,16 +224,14 @@ def ivon_update_(
         torch._foreach_mul_(num, eta)
         torch._foreach_sub_(means, num)
     else:
-        for m, g, h, gh, hh in zip(means, momenta, hess, g_hat, h_hat):
+        for i, (m, g, h, gh, hh) in enumerate(zip(means, momenta, hess, g_hat, h_hat)):
             g.mul_(beta1).add_(gh.mul_(one_m_b1))
-            hw = h.add(weight_decay)
-            diff = h.sub(hh)
+            hw = h.add(weight_decay) if s1 is None else torch.add(h, weight_decay, out=s1[i])
+            diff = h.sub(hh) if s2 is None else torch.sub(h, hh, out=s2[i])
             diff.mul_(diff).mul_(c).div_(hw)
             h.mul_(beta2).add_(hh.mul_(one_m_b2)).add_(diff)
             torch.add(h, weight_decay, out=hw)
-            num = gh.copy_(g)
-            if bias_correction != 1.0:
-                num.div_(bias_correction)
+            num = torch.div(g, bias_correction, out=gh) if bias_correction != 1.0 else gh.copy_(g)
             num.add_(torch.mul(m, weight_decay, out=diff)).div_(hw)
             if clip:
                 num.clamp_(-clip_radius, clip_radius)

@@ -44,7 +44,7 @@ _PERTURBED: dict[int, str] = {}
 @contextlib.contextmanager
 def perturbation(
     targets: list[Tensor],
-    names: list[str],
+    names: Union[list[str], Callable[[], list[str]]],
     owner: str,
     write: Callable[[], None],
     saved: Optional[list[Tensor]] = None,
@@ -56,10 +56,11 @@ def perturbation(
     Raises :class:`SamplingError` if a target already holds a sample (nested contexts).
     Yields the saved originals.
     """
-    for t, n in zip(targets, names):
+    for i, t in enumerate(targets):
         if id(t) in _PERTURBED:
+            name = (names() if callable(names) else names)[i]
             raise SamplingError(
-                f"{owner}: parameter {n!r} already holds a weight sample from {_PERTURBED[id(t)]}; "
+                f"{owner}: parameter {name!r} already holds a weight sample from {_PERTURBED[id(t)]}; "
                 "sampling contexts cannot be nested"
             )
     with torch.no_grad():

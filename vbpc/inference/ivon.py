@@ -221,9 +221,32 @@ class IVON(Optimizer):
         return self.defaults["rescale_lr"]
 
     # ------------------------------------------------------------------ sampling
-    def _draw_noise(self, gi: int, group: dict, params: list[Tensor]) -> list[Tensor]:
+    def _workspace(self, gi: int, params: list[Tensor]) -> dict[str, Any]:
+        """Transient buffers of group ``gi`` (≈6d, §6.4), reused across steps so the hot loop
+        allocates nothing: saved means, flat noise, two accumulators and two scratch lists."""
+        ws = self._ws.get(gi)
+        if ws is not None and len(ws["params"]) == len(params) and all(
+                a is b and a.shape == s.shape for a, b, s in zip(ws["params"], params, ws["saved"])):
+            return ws
+
+        def like(p: Tensor) -> Tensor:
+            return torch.empty(p.shape, dtype=self._sdtype(p), device=p.device)
+
+        ws = {"params": list(params), "z": {}, "views": None,
+              "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
+              **{k: [like(p) for p in params] for k in ("grad", "stat", "s1", "s2")}}
+        self._ws[gi] = ws
+        return ws
+
+    def _flat(self, ws: dict, key: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = ws["z"].get(key)
+        if buf is None or buf.numel() != n or buf.dtype != dtype or buf.device != device:
+            buf = ws["z"][key] = torch.empty(n, dtype=dtype, device=device)
+            ws["views"] = None
+        return buf
+
+    def _draw_noise(self, gi: int, group: dict, params: list[Tensor], ws: dict) -> list[Tensor]:
         """Standard normals for ``params`` (views of one flat draw), following §2.1 item 2."""
-        ws = self._ws.setdefault(gi, {})
         if self.parity:
             allp = group["params"]
             dtypes, devices = {p.dtype for p in allp}, {p.device for p in allp}
@@ -233,72 +256,72 @@ class IVON(Optimizer):
             dtype, device = next(iter(dtypes)), next(iter(devices))
             if self._sdtype(allp[0]) != dtype:
                 raise ValueError(f"parity mode needs float32/float64 parameters; group {gi} is {dtype}")
-            n = sum(p.numel() for p in allp)
-            buf = ws.get("z")
-            if buf is None or buf.numel() != n or buf.dtype != dtype or buf.device != device:
-                buf = ws["z"] = torch.empty(n, dtype=dtype, device=device)
-            torch.randn(n, out=buf)
-            views, off, train = [], 0, {id(p) for p in params}
-            for p in allp:
-                if id(p) in train:
-                    views.append(buf[off:off + p.numel()].view_as(p))
-                off += p.numel()
-            return views
+            buf = self._flat(ws, "parity", sum(p.numel() for p in allp), dtype, device)
+            torch.randn(buf.numel(), out=buf)
+            if ws["views"] is None:
+                views, off, train = [], 0, {id(p) for p in params}
+                for p in allp:
+                    if id(p) in train:
+                        views.append(buf[off:off + p.numel()].view_as(p))
+                    off += p.numel()
+                ws["views"] = views
+            return ws["views"]
         # Default: one draw per (device, state dtype) bucket of trainable parameters.
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             buckets[(p.device, self._sdtype(p))].append(i)
-        views: list[Optional[Tensor]] = [None] * len(params)
+        bufs = {}
         for key, idx in buckets.items():
-            n = sum(params[i].numel() for i in idx)
-            buf = ws.get(key)
-            if buf is None or buf.numel() != n:
-                buf = ws[key] = torch.empty(n, dtype=key[1], device=key[0])
-            torch.randn(n, out=buf)
-            off = 0
-            for i in idx:
-                views[i] = buf[off:off + params[i].numel()].view_as(params[i])
-                off += params[i].numel()
-        return views  # type: ignore[return-value]
+            bufs[key] = self._flat(ws, key, sum(params[i].numel() for i in idx), key[1], key[0])
+            torch.randn(bufs[key].numel(), out=bufs[key])
+        if ws["views"] is None:
+            views: list[Optional[Tensor]] = [None] * len(params)
+            for key, idx in buckets.items():
+                off = 0
+                for i in idx:
+                    views[i] = bufs[key][off:off + params[i].numel()].view_as(params[i])
+                    off += params[i].numel()
+            ws["views"] = views
+        return ws["views"]
 
     def _draw_sample(self) -> list[tuple[int, list[Tensor], list[Tensor]]]:
         """Draw noise for every group: ``[(group index, params, noise n)]`` (eq. 5)."""
         out = []
         for gi, group in enumerate(self.param_groups):
             params = self._trainable(group)
-            if not params and not self.parity:
+            if not params:
+                if self.parity:  # the reference draws for frozen-only groups too
+                    torch.randn(sum(p.numel() for p in group["params"]), dtype=group["params"][0].dtype,
+                                device=group["params"][0].device)
                 continue
             hess = [self._state(p, group)["hess"] for p in params]
             self._check_positivity(gi, group, params)
-            z = self._draw_noise(gi, group, params)
-            if params:
-                gaussian_noise_(z, hess, group["ess"], group["weight_decay"], foreach=self._use_foreach(z))
-                out.append((gi, params, z))
+            ws = self._workspace(gi, params)
+            z = self._draw_noise(gi, group, params, ws)
+            gaussian_noise_(z, hess, group["ess"], group["weight_decay"], scratch=ws["s1"],
+                            foreach=self._use_foreach(z))
+            out.append((gi, params, z))
         return out
 
     def _sample_context(self, owner: str):
         draw = self._draw_sample()
         targets = [p for _, ps, _ in draw for p in ps]
-        names = self._names(targets)
-        ws = self._ws.setdefault(-1, {})
-        saved = ws.get("saved")
-        if saved is None or len(saved) != len(targets) or any(
-                s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(saved, targets)):
-            saved = ws["saved"] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in targets]
+        saved = [s for gi, _, _ in draw for s in self._ws[gi]["saved"]]
 
         def write() -> None:
             for gi, params, noise in draw:
-                same = [i for i, p in enumerate(params) if "mean" not in self.state[p]]
-                if len(same) == len(params) and self._use_foreach(params):
+                masters = [i for i, p in enumerate(params) if "mean" in self.state[p]]
+                if not masters and self._use_foreach(params):
                     torch._foreach_add_(params, noise)
-                else:
-                    for i, (p, n) in enumerate(zip(params, noise)):
-                        if i in same:
-                            p.add_(n)
-                        else:
-                            p.copy_(self.state[p]["mean"] + n)
+                    continue
+                tmp = self._ws[gi]["s1"]
+                for i, (p, n) in enumerate(zip(params, noise)):
+                    if i in masters:  # low-precision parameter: θ = m + n from the fp32 master
+                        p.copy_(torch.add(self.state[p]["mean"], n, out=tmp[i]))
+                    else:
+                        p.add_(n)
 
-        return draw, perturbation(targets, names, owner, write, saved)
+        return draw, perturbation(targets, lambda: self._names(targets), owner, write, saved)
 
     @contextmanager
     def sampled_params(self, train: bool = False) -> Iterator[None]:
@@ -327,32 +350,37 @@ class IVON(Optimizer):
 
     def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> None:
         """Fold the gradients of one sample into Welford means (eq. 6, §2.1 item 4)."""
+        if self._count and set(self._acc) != {gi for gi, _, _ in draw}:
+            self._reset_samples()
+            raise SamplingError("the trainable parameters changed between MC samples of one step")
         self._count += 1
         k = self._count
         for gi, params, noise in draw:
-            acc = self._acc.get(gi)
-            if acc is None or k == 1:
-                prev = self._ws.setdefault(gi, {}).get("acc")
-                if prev is not None and len(prev["params"]) == len(params) and all(
-                        a is b for a, b in zip(prev["params"], params)):
-                    acc = prev
-                else:
-                    acc = {"params": list(params), "grad": [torch.empty_like(n) for n in noise],
-                           "stat": [torch.empty_like(n) for n in noise]}
-                    self._ws[gi]["acc"] = acc
-                self._acc[gi] = acc
-            elif len(acc["params"]) != len(params) or any(a is not b for a, b in zip(acc["params"], params)):
+            ws = self._ws[gi]
+            if k > 1 and self._acc[gi] is not ws:
                 self._reset_samples()
                 raise SamplingError(f"the trainable parameters of group {gi} changed between MC samples of one step")
-            grads = [
-                torch.zeros_like(n) if p.grad is None else (p.grad if p.grad.dtype == n.dtype else p.grad.to(n.dtype))
-                for p, n in zip(params, noise)
-            ]
+            self._acc[gi] = ws
+            grads = []
+            for i, p in enumerate(params):
+                g = p.grad
+                if g is None:  # fix 3: a trainable parameter without gradient counts as zero
+                    g = ws["s1"][i].zero_()
+                elif g.dtype != noise[i].dtype or g.layout != torch.strided:
+                    g = ws["s1"][i].copy_(g.to_dense() if g.layout != torch.strided else g)
+                grads.append(g)
             fe = self._use_foreach(grads)
-            welford_(acc["grad"], grads, k, foreach=fe)
-            hess_approx = self.param_groups[gi]["hess_approx"]
-            stat = torch._foreach_mul(noise, grads) if hess_approx == "price" else torch._foreach_mul(grads, grads)
-            welford_(acc["stat"], stat, k, foreach=fe)
+            welford_(ws["grad"], grads, k, scratch=ws["s2"], foreach=fe)
+            x = ws["stat"] if k == 1 else ws["s2"]
+            second = noise if self.param_groups[gi]["hess_approx"] == "price" else grads
+            if fe:
+                torch._foreach_copy_(x, second)
+                torch._foreach_mul_(x, grads)
+            else:
+                for xi, a, b in zip(x, second, grads):
+                    torch.mul(a, b, out=xi)
+            if k > 1:
+                welford_(ws["stat"], x, k, scratch=x, foreach=fe)
 
     def _reset_samples(self) -> None:
         self._count = 0
@@ -413,15 +441,14 @@ class IVON(Optimizer):
         return sum(losses[1:], losses[0]) / len(losses)
 
     def _check_finite(self, losses: list[Tensor]) -> None:
+        """One reduction per accumulator and one host sync; the slow path names the culprit."""
         tensors = [t for acc in self._acc.values() for t in acc["grad"] + acc["stat"]]
-        if not tensors and not losses:
-            return
-        norms = list(torch._foreach_norm(tensors, ord=float("inf"))) if tensors else []
         dev = tensors[0].device if tensors else losses[0].device
-        flags = torch.stack([n.to(dev, torch.float32) for n in norms] + [l.float().to(dev).reshape(()) for l in losses])
+        sums = [t.sum().to(dev, torch.float32) for t in tensors]
+        flags = torch.stack(sums + [loss.float().to(dev).reshape(()) for loss in losses])
         if bool(torch.isfinite(flags).all()):
             return
-        bad_loss = [i for i, l in enumerate(losses) if not bool(torch.isfinite(l).all())]
+        bad_loss = [i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())]
         if bad_loss:
             raise NonFiniteError(f"the closure returned a non-finite loss ({losses[bad_loss[0]].item()}) at MC "
                                  f"sample {bad_loss[0]}; the step was skipped and no state changed")
@@ -430,7 +457,7 @@ class IVON(Optimizer):
                 if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(s).all())):
                     raise NonFiniteError(f"non-finite gradient for parameter {self._names([p])[0]!r} (shape "
                                          f"{tuple(p.shape)}); the step was skipped and no state changed")
-        raise NonFiniteError("non-finite statistics; the step was skipped and no state changed")
+        # only the sums overflowed: every entry is finite
 
     def _sync_samples(self) -> None:
         """Average the collected means over ranks (only accumulators that exist, fix 6)."""
@@ -459,10 +486,10 @@ class IVON(Optimizer):
 
     def _update(self) -> None:
         for gi, group in enumerate(self.param_groups):
-            acc = self._acc.get(gi)
-            if acc is None:
+            ws = self._acc.get(gi)
+            if ws is None:
                 continue
-            params = acc["params"]
+            params = ws["params"]
             states = [self.state[p] for p in params]
             for st in states:
                 st["step"] += 1
@@ -470,9 +497,9 @@ class IVON(Optimizer):
             hess = [st["hess"] for st in states]
             fe = self._use_foreach(hess)
             if group["hess_approx"] == "price":
-                h_hat = price_hessian_(acc["stat"], hess, ess, wd, foreach=fe)
+                h_hat = price_hessian_(ws["stat"], hess, ess, wd, scratch=ws["s1"], foreach=fe)
             else:
-                h_hat = gradsq_hessian_(acc["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
+                h_hat = gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
             by_step: dict[float, list[int]] = defaultdict(list)
@@ -487,9 +514,10 @@ class IVON(Optimizer):
                 ivon_update_(
                     pick([st.get("mean", p) for st, p in zip(states, params)]),
                     pick([st["momentum"] for st in states]),
-                    pick(hess), pick(acc["grad"]), pick(h_hat),
+                    pick(hess), pick(ws["grad"]), pick(h_hat),
                     eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
-                    clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe,
+                    clip_radius=group["clip_radius"], bias_correction=c_t,
+                    scratch=(pick(ws["s1"]), pick(ws["s2"])), foreach=fe,
                 )
             for p, st in zip(params, states):
                 if "mean" in st:
