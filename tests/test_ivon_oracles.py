@@ -393,3 +393,48 @@ def test_sync_with_gradsq_single_process(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+@pytest.mark.parametrize("clip", [math.inf, 0.05])
+def test_fast_path_matches_exact_arithmetic(hess_approx, clip):
+    """The default fused kernels (ivon_update_fast_) equal the §2.1 exact path to rounding.
+
+    (h0 = 0.25 is exact in float32: parity mode reproduces the reference rounding h0 to fp32.)
+    """
+    x, y = torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
+    runs = {}
+    for mode in ("exact", "fast", "fast-foreach", "exact-foreach"):
+        model = _mlp(F64)
+        opt = vbpc.IVON(model.parameters(), lr=0.2, ess=50.0, hess_init=0.25, beta2=0.99, mc_samples=2,
+                        weight_decay=0.01, clip_radius=clip, hess_approx=hess_approx,
+                        parity=mode.startswith("exact"), foreach=mode.endswith("foreach"))
+        torch.manual_seed(4)
+        _train(model, opt, 20, x, y)
+        runs[mode] = [p.detach().clone() for p in model.parameters()] + \
+            [opt.state[p]["hess"].clone() for p in model.parameters()]
+    for a, b in zip(runs["exact"], runs["fast"]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    assert all(torch.equal(a, b) for a, b in zip(runs["exact"], runs["exact-foreach"]))
+    for a, b in zip(runs["fast"], runs["fast-foreach"]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_sigma_cache_tracks_external_changes_to_h():
+    """σ is cached between steps; an in-place edit of h (or a new δ or λ) invalidates it."""
+    p = nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = vbpc.IVON([p], lr=0.1, ess=10.0, weight_decay=0.0, hess_init=1.0)
+    with opt.sampled_params():
+        pass
+    opt.state[p]["hess"].fill_(99.0)
+    torch.manual_seed(0)
+    with opt.sampled_params():
+        theta = p.detach().clone()
+    torch.manual_seed(0)
+    z = torch.randn(4, dtype=F64)
+    torch.testing.assert_close(theta, z / math.sqrt(10.0 * 99.0), rtol=1e-15, atol=0)
+    opt.param_groups[0]["ess"] = 1000.0
+    torch.manual_seed(0)
+    with opt.sampled_params():
+        theta = p.detach().clone()
+    torch.testing.assert_close(theta, z / math.sqrt(1000.0 * 99.0), rtol=1e-15, atol=0)

@@ -107,7 +107,8 @@ def test_reference_style_closure_runs_unchanged():
     for impl in ("ref", "vbpc"):
         torch.manual_seed(0)
         net = Net(torch.float64)
-        opt = (ivon.IVON if impl == "ref" else vbpc.IVON)(net.parameters(), lr=0.1, ess=100.0)
+        opt = (ivon.IVON(net.parameters(), lr=0.1, ess=100.0) if impl == "ref"
+               else vbpc.IVON(net.parameters(), lr=0.1, ess=100.0, parity=True))
         x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
         torch.manual_seed(3)
         for _ in range(5):

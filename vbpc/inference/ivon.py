@@ -34,8 +34,11 @@ from ..functional import (
     default_foreach,
     gaussian_noise_,
     gradsq_hessian_,
+    ivon_sigma_,
     ivon_update_,
+    ivon_update_fast_,
     price_hessian_,
+    scaled_noise_,
     welford_,
 )
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
@@ -232,11 +235,19 @@ class IVON(Optimizer):
         def like(p: Tensor) -> Tensor:
             return torch.empty(p.shape, dtype=self._sdtype(p), device=p.device)
 
-        ws = {"params": list(params), "z": {}, "views": None,
+        keys = ("grad", "stat", "s1", "s2") if self.parity else ("grad", "stat", "s1", "s2", "hw", "sigma")
+        ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None,
               "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
-              **{k: [like(p) for p in params] for k in ("grad", "stat", "s1", "s2")}}
+              **{k: [like(p) for p in params] for k in keys}}
         self._ws[gi] = ws
         return ws
+
+    def _sigma(self, group: dict, hess: list[Tensor], ws: dict, fe: bool) -> None:
+        """Refresh the cached h+δ and σ (fast path) unless h, λ and δ are unchanged since."""
+        key = (group["ess"], group["weight_decay"], [h._version for h in hess])
+        if ws["sigma_key"] != key:
+            ivon_sigma_(hess, group["ess"], group["weight_decay"], ws["hw"], ws["sigma"], foreach=fe)
+            ws["sigma_key"] = key
 
     def _flat(self, ws: dict, key: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         buf = ws["z"].get(key)
@@ -298,8 +309,12 @@ class IVON(Optimizer):
             self._check_positivity(gi, group, params)
             ws = self._workspace(gi, params)
             z = self._draw_noise(gi, group, params, ws)
-            gaussian_noise_(z, hess, group["ess"], group["weight_decay"], scratch=ws["s1"],
-                            foreach=self._use_foreach(z))
+            fe = self._use_foreach(z)
+            if self.parity:  # exact §2.1 arithmetic: n = z / sqrt(λ(h+δ))
+                gaussian_noise_(z, hess, group["ess"], group["weight_decay"], scratch=ws["s1"], foreach=fe)
+            else:  # n = σ ⊙ z with σ cached at the end of the last update
+                self._sigma(group, hess, ws, fe)
+                scaled_noise_(z, ws["sigma"], foreach=fe)
             out.append((gi, params, z))
         return out
 
@@ -496,10 +511,14 @@ class IVON(Optimizer):
             ess, wd = group["ess"], group["weight_decay"]
             hess = [st["hess"] for st in states]
             fe = self._use_foreach(hess)
-            if group["hess_approx"] == "price":
-                h_hat = price_hessian_(ws["stat"], hess, ess, wd, scratch=ws["s1"], foreach=fe)
+            price = group["hess_approx"] == "price"
+            if self.parity:
+                h_hat = (price_hessian_(ws["stat"], hess, ess, wd, scratch=ws["s1"], foreach=fe) if price else
+                         gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe))
             else:
-                h_hat = gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
+                self._sigma(group, hess, ws, fe)  # hw = h + δ with the current δ
+                if not price:
+                    gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
             by_step: dict[float, list[int]] = defaultdict(list)
@@ -511,14 +530,18 @@ class IVON(Optimizer):
                 def pick(xs: list[Tensor]) -> list[Tensor]:
                     return xs if len(idx) == len(xs) else [xs[i] for i in idx]
 
-                ivon_update_(
-                    pick([st.get("mean", p) for st, p in zip(states, params)]),
-                    pick([st["momentum"] for st in states]),
-                    pick(hess), pick(ws["grad"]), pick(h_hat),
-                    eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
-                    clip_radius=group["clip_radius"], bias_correction=c_t,
-                    scratch=(pick(ws["s1"]), pick(ws["s2"])), foreach=fe,
-                )
+                common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
+                              clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
+                means = pick([st.get("mean", p) for st, p in zip(states, params)])
+                momenta = pick([st["momentum"] for st in states])
+                if self.parity:
+                    ivon_update_(means, momenta, pick(hess), pick(ws["grad"]), pick(h_hat),
+                                 scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
+                else:
+                    ivon_update_fast_(means, momenta, pick(hess), pick(ws["grad"]), pick(ws["stat"]),
+                                      pick(ws["hw"]), pick(ws["sigma"]), ess=ess, price=price, **common)
+            if not self.parity:
+                ws["sigma_key"] = (ess, wd, [h._version for h in hess])
             for p, st in zip(params, states):
                 if "mean" in st:
                     p.copy_(st["mean"])
