@@ -1,0 +1,5 @@
+"""Small reference networks."""
+
+from .mlp import MLP
+
+__all__ = ["MLP"]
