@@ -146,13 +146,14 @@ def test_resnet18_frozen_parameters_are_excluded():
     with pytest.raises(ValueError, match="selects no trainable parameter"):
         select_parameters(model, include=r"^(conv1|bn1)\.")
     model.fc.weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="selects no trainable parameter"):
-        select_parameters(model, "last_layer")  # the last layer is frozen entirely
+    # the last layer is frozen entirely: "last_layer" falls back to the last trainable module
+    assert names(select_parameters(model, "last_layer")) == ["layer4.1.bn2.weight", "layer4.1.bn2.bias"]
 
 
 def test_unknown_scope_and_empty_selection_raise():
     model = make_resnet()
-    for bad in ("last-layer", "LAST_LAYER", "everything", ""):
+    assert select_parameters(model, "LAST_LAYER") == select_parameters(model, "last_layer")  # case-insensitive
+    for bad in ("last-layer", "everything", ""):
         with pytest.raises(ValueError, match="unknown scope"):
             select_parameters(model, bad)
     with pytest.raises(ValueError, match="selects no trainable parameter"):

@@ -1,5 +1,6 @@
 """vbpc: variational Bayesian deep learning with posterior correction, for PyTorch."""
 
+from . import nn
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
 from .posterior import DiagonalGaussian, GaussianPosterior

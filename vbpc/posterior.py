@@ -116,6 +116,10 @@ class GaussianPosterior:
     def sample(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def sampled(self, model: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None):
+        """Context manager loading one weight sample into ``model`` (restored bitwise on exit)."""
+        raise NotImplementedError  # pragma: no cover
+
     def entropy(self) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -179,7 +183,8 @@ class DiagonalGaussian(GaussianPosterior):
             elif isinstance(precision, Mapping):
                 if name not in precision:
                     raise KeyError(f"precision mapping has no entry for {name!r}")
-                hess = torch.as_tensor(precision[name], dtype=torch.float32, device=p.device).expand_as(p).clone()
+                hess = torch.as_tensor(precision[name], dtype=_state_dtype(p.dtype), device=p.device)
+                hess = hess.expand_as(p).clone()
             else:
                 if not precision > 0:
                     raise ValueError(f"precision must be > 0, got {precision}")
@@ -202,16 +207,24 @@ class DiagonalGaussian(GaussianPosterior):
         return post
 
     def bind(self, model: nn.Module) -> "DiagonalGaussian":
-        """Attach the module whose parameters receive samples (matched by name)."""
+        """Attach the module whose parameters receive samples (matched by name, or by identity
+        for entries already bound to one of its parameters).  All-or-nothing on mismatch."""
         params = dict(model.named_parameters(remove_duplicate=False))
+        own = {id(p) for p in params.values()}
+        targets = []
         for e in self._entries:
+            if e.target is not None and id(e.target) in own:
+                targets.append(e.target)
+                continue
             if e.name not in params:
                 raise StateDictMismatchError(f"posterior parameter {e.name!r} is not in {type(model).__name__}")
             if params[e.name].shape != e.mean.shape:
                 raise StateDictMismatchError(
                     f"{e.name}: posterior shape {tuple(e.mean.shape)} != model shape {tuple(params[e.name].shape)}"
                 )
-            e.target = params[e.name]
+            targets.append(params[e.name])
+        for e, t in zip(self._entries, targets):
+            e.target = t
         return self
 
     # ------------------------------------------------------------------ accessors
@@ -259,7 +272,11 @@ class DiagonalGaussian(GaussianPosterior):
     def sample(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         r""":math:`\theta = m + z/\sqrt{\lambda(h+\delta)}`, :math:`z\sim\mathcal N(0,I)` (eq. 5), in the state dtype."""
         noise = self._noise(generator)
-        return {e.name: e.mean.to(n.dtype) + n for e, n in zip(self._entries, noise)}
+        out = {}
+        for e, n in zip(self._entries, noise):
+            dtype = torch.promote_types(e.mean.dtype, n.dtype)
+            out[e.name] = e.mean.to(dtype) + n.to(dtype)
+        return out
 
     @contextlib.contextmanager
     def sampled(self, model: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None):

@@ -52,9 +52,13 @@ def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _last_layer_ids(model: nn.Module) -> set[int]:
+    """Parameters owned by the last module (``model.modules()`` order) owning a trainable one.
+
+    For models with tied output embeddings (GPT-2's ``lm_head``) this is the tied matrix,
+    reported under its first name (``transformer.wte.weight``)."""
     last: nn.Module | None = None
     for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)):
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
             last = module
     if last is None:
         return set()
@@ -65,7 +69,7 @@ def select_parameters(
     model: nn.Module,
     scope: Union[str, Scope] = Scope.ALL,
     *,
-    module_types: Union[type, tuple[type, ...], None] = None,
+    module_types: Union[type, Sequence[type], None] = None,
     include: Patterns = None,
     exclude: Patterns = None,
 ) -> list[tuple[str, nn.Parameter]]:
@@ -86,7 +90,7 @@ def select_parameters(
     if not isinstance(model, nn.Module):
         raise TypeError(f"select_parameters expects an nn.Module, got {type(model).__name__}")
     try:
-        scope = Scope(scope)
+        scope = Scope(scope.lower() if isinstance(scope, str) and not isinstance(scope, Scope) else scope)
     except ValueError:
         valid = ", ".join(repr(s.value) for s in Scope)
         raise ValueError(f"unknown scope {scope!r}; expected one of {valid}") from None
@@ -99,7 +103,9 @@ def select_parameters(
         pairs = [(n, p) for n, p in pairs if "lora_" in n]
 
     if module_types is not None:
-        types = module_types if isinstance(module_types, tuple) else (module_types,)
+        types = tuple(module_types) if isinstance(module_types, (list, tuple, set)) else (module_types,)
+        if not all(isinstance(t, type) for t in types):
+            raise TypeError(f"module_types must be a type or a sequence of types, got {module_types!r}")
         ids: set[int] = set()
         for module in model.modules():
             if isinstance(module, types):

@@ -1,0 +1,217 @@
+"""Per-step overhead of vbpc.IVON against AdamW (foreach) and the reference IVON.
+
+Prints, for an MLP, a small CNN and a GPT-2-mini, medians over interleaved rounds in one
+process of:
+
+* whole train step (zero_grad, sampling, forward, backward, optimizer update) ratios
+  ``vbpc.IVON / AdamW`` and ``vbpc.IVON / ivon-opt``;
+* optimizer-step-only ratios (sampling in/out plus update, no forward/backward)
+  ``vbpc.IVON / ivon-opt`` and ``vbpc.IVON / AdamW``.
+
+Run:  python benchmarks/step_overhead.py [--rounds 15] [--steps 5] [--models mlp,cnn,gpt2]
+Writes benchmarks/results/step_overhead.json and .md (atomically).  No timing is asserted
+anywhere in the test suite: absolute times on a shared CPU are noise, ratios are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import vbpc
+
+try:
+    import ivon as ivon_ref  # optional GPL oracle, used only as a baseline here
+except ImportError:  # pragma: no cover
+    ivon_ref = None
+
+
+def make_mlp():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 300), nn.ReLU(),
+                          nn.Linear(300, 10))
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    return model, (x, y), lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def make_cnn():
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    return model, (x, y), lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def make_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 256, (16, 128))
+    return model, (ids,), lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+
+
+MODELS = {"mlp": make_mlp, "cnn": make_cnn, "gpt2": make_gpt2}
+
+
+def runners(model: nn.Module, batch, loss_fn) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """For each method: (whole train step, optimizer-only step)."""
+    params = list(model.parameters())
+    out = {}
+
+    adamw = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def adam_step():
+        adamw.zero_grad()
+        loss_fn(model, batch).backward()
+        adamw.step()
+
+    out["adamw"] = (adam_step, adamw.step)
+
+    vb = vbpc.IVON(params, lr=1e-4, ess=1e6, hess_init=1.0)
+
+    def vb_closure():
+        vb.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss
+
+    def vb_step():
+        vb.step(vb_closure)
+
+    def vb_opt_only():
+        with vb.sampled_params(train=True):
+            pass
+        vb.step()
+
+    out["vbpc"] = (vb_step, vb_opt_only)
+
+    if ivon_ref is not None:
+        ref = ivon_ref.IVON(params, lr=1e-4, ess=1e6, hess_init=1.0)
+
+        def ref_step():
+            with ref.sampled_params(train=True):
+                ref.zero_grad()
+                loss_fn(model, batch).backward()
+            ref.step()
+
+        def ref_opt_only():
+            with ref.sampled_params(train=True):
+                pass
+            ref.step()
+
+        out["ivon-opt"] = (ref_step, ref_opt_only)
+    return out
+
+
+def timed(fn: Callable[[], None], steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_model(name: str, rounds: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    model, batch, loss_fn = MODELS[name]()
+    run = runners(model, batch, loss_fn)
+    # the optimizer-only runs need gradients present
+    loss_fn(model, batch).backward()
+    for whole, only in run.values():  # warm-up
+        whole()
+        only()
+    whole_t = {k: [] for k in run}
+    only_t = {k: [] for k in run}
+    for r in range(rounds):
+        order = list(run) if r % 2 == 0 else list(reversed(run))
+        for k in order:
+            whole_t[k].append(timed(run[k][0], steps))
+        for k in order:
+            only_t[k].append(timed(run[k][1], steps * 4))
+    res = {"model": name, "params": sum(p.numel() for p in model.parameters()), "rounds": rounds,
+           "steps": steps, "whole_ms": {}, "opt_ms": {}}
+    for k in run:
+        res["whole_ms"][k] = {"median": 1e3 * statistics.median(whole_t[k]), "min": 1e3 * min(whole_t[k]),
+                              "max": 1e3 * max(whole_t[k])}
+        res["opt_ms"][k] = {"median": 1e3 * statistics.median(only_t[k]), "min": 1e3 * min(only_t[k]),
+                            "max": 1e3 * max(only_t[k])}
+
+    def ratio(table, a, b):
+        # median of per-round ratios (rounds are interleaved, so drift cancels)
+        return statistics.median(x / y for x, y in zip(table[a], table[b])) if b in table else None
+
+    res["ratios"] = {
+        "whole_vbpc/adamw": ratio(whole_t, "vbpc", "adamw"),
+        "whole_vbpc/ivon-opt": ratio(whole_t, "vbpc", "ivon-opt"),
+        "whole_ivon-opt/adamw": ratio(whole_t, "ivon-opt", "adamw"),
+        "opt_vbpc/ivon-opt": ratio(only_t, "vbpc", "ivon-opt"),
+        "opt_vbpc/adamw": ratio(only_t, "vbpc", "adamw"),
+    }
+    return res
+
+
+def to_markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | params | whole step vbpc ÷ AdamW | whole step vbpc ÷ ivon-opt | ivon-opt ÷ AdamW | "
+        "opt step vbpc ÷ ivon-opt | opt step vbpc ÷ AdamW | vbpc whole step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        q = r["ratios"]
+
+        def f(x):
+            return "n/a" if x is None else f"{x:.2f}×"
+
+        lines.append(f"| {r['model']} | {r['params']:,} | {f(q['whole_vbpc/adamw'])} | {f(q['whole_vbpc/ivon-opt'])} "
+                     f"| {f(q['whole_ivon-opt/adamw'])} | {f(q['opt_vbpc/ivon-opt'])} | {f(q['opt_vbpc/adamw'])} "
+                     f"| {r['whole_ms']['vbpc']['median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--models", default="mlp,cnn,gpt2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if ivon_ref is None:
+        print("note: ivon-opt is not installed; reference ratios are skipped", file=sys.stderr)
+    results = []
+    for name in args.models.split(","):
+        r = bench_model(name, args.rounds, args.steps)
+        results.append(r)
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["ratios"].items() if v is not None), flush=True)
+    md = to_markdown(results)
+    print(md)
+    meta = {"torch": torch.__version__, "threads": args.threads, "device": "cpu"}
+    atomic_write(Path(args.out) / "step_overhead.json", json.dumps({"meta": meta, "results": results}, indent=2))
+    atomic_write(Path(args.out) / "step_overhead.md", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Runnable recipes shared by the ``vbpc`` command and ``examples/``."""
