@@ -294,15 +294,16 @@ def ivon_update_fast_(
     price: bool = True,
     foreach: Optional[bool] = None,
 ) -> None:
-    r"""Eqs. (6)-(10) in 12 fused memory passes instead of about 25 (the default, non-parity path).
+    r"""Eqs. (6)-(10) in 11 fused memory passes instead of about 25 (the default, non-parity path).
 
     Same mathematics as :func:`price_hessian_` + :func:`ivon_update_` + :func:`ivon_sigma_`,
-    rearranged with :math:`d=\hat h-h` and :math:`c_t` folded into scalars:
+    rearranged with :math:`u=(\hat h-h)/\lambda` and :math:`c_t` folded into scalars:
 
     .. math::
-        \hat h &= \lambda\,\overline{n\odot g}\odot(h+\delta)\quad(\text{Price; gradsq passes }\hat h)\\
+        u &= \overline{n\odot g}\odot(h+\delta) - h/\lambda
+            \quad(\text{Price; gradsq: ``nxg`` holds }\hat h/\lambda)\\
         g &\leftarrow \mathrm{lerp}(g,\hat g,1-\beta_1)\\
-        h &\leftarrow h+(1-\beta_2)d+\tfrac12(1-\beta_2)^2 d^2/(h+\delta)\\
+        h &\leftarrow h+(1-\beta_2)\lambda u+\tfrac12(1-\beta_2)^2\lambda^2 u^2/(h+\delta)\\
         m &\leftarrow m-\tfrac{\eta_t}{c_t}\,\mathrm{clip}_{\xi c_t}\big((g+c_t\delta m)/(h'+\delta)\big)
 
     ``hw`` must hold :math:`h+\delta` of the pre-update :math:`h` on entry; on exit ``hw`` and
@@ -316,15 +317,15 @@ def ivon_update_fast_(
     clip = math.isfinite(clip_radius)
     a = weight_decay * bias_correction
     if foreach:
+        # u = ĥ/λ - h/λ, so that d = λu (the Price ĥ/λ is (n⊙g)⊙(h+δ)); gradsq passes ĥ
         if price:
             torch._foreach_mul_(nxg, hw)
-            torch._foreach_mul_(nxg, ess)
         torch._foreach_lerp_(momenta, g_hat, one_m_b1)
-        d = nxg
-        torch._foreach_sub_(d, hess)
-        torch._foreach_add_(hess, d, alpha=one_m_b2)
-        torch._foreach_mul_(d, d)
-        torch._foreach_addcdiv_(hess, d, hw, value=c)
+        u = nxg
+        torch._foreach_sub_(u, hess, alpha=1.0 / ess)
+        torch._foreach_add_(hess, u, alpha=one_m_b2 * ess)
+        torch._foreach_mul_(u, u)
+        torch._foreach_addcdiv_(hess, u, hw, value=c * ess * ess)
         _shift(hess, weight_decay, hw, True)
         num = g_hat
         torch._foreach_copy_(num, momenta)
@@ -341,13 +342,13 @@ def ivon_update_fast_(
         for s in sigma:
             s.rsqrt_()
         return
-    for m, g, h, gh, d, w, s in zip(means, momenta, hess, g_hat, nxg, hw, sigma):
+    for m, g, h, gh, u, w, s in zip(means, momenta, hess, g_hat, nxg, hw, sigma):
         if price:
-            d.mul_(w).mul_(ess)
+            u.mul_(w)
         g.lerp_(gh, one_m_b1)
-        d.sub_(h)
-        h.add_(d, alpha=one_m_b2)
-        h.addcdiv_(d.mul_(d), w, value=c)
+        u.sub_(h, alpha=1.0 / ess)
+        h.add_(u, alpha=one_m_b2 * ess)
+        h.addcdiv_(u.mul_(u), w, value=c * ess * ess)
         torch.add(h, weight_decay, out=w)
         num = torch.add(g, m, alpha=a, out=gh)
         if clip:

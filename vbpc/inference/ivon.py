@@ -456,8 +456,9 @@ class IVON(Optimizer):
         return sum(losses[1:], losses[0]) / len(losses)
 
     def _check_finite(self, losses: list[Tensor]) -> None:
-        """One reduction per accumulator and one host sync; the slow path names the culprit."""
-        tensors = [t for acc in self._acc.values() for t in acc["grad"] + acc["stat"]]
+        """One reduction per tensor and one host sync; the slow path names the culprit."""
+        # n⊙g (or g²) is non-finite whenever g is (n is finite and nonzero): one sum per tensor
+        tensors = [t for acc in self._acc.values() for t in acc["stat"]]
         dev = tensors[0].device if tensors else losses[0].device
         sums = [t.sum().to(dev, torch.float32) for t in tensors]
         flags = torch.stack(sums + [loss.float().to(dev).reshape(()) for loss in losses])
@@ -517,8 +518,8 @@ class IVON(Optimizer):
                          gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe))
             else:
                 self._sigma(group, hess, ws, fe)  # hw = h + δ with the current δ
-                if not price:
-                    gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
+                if not price and group["gradsq_scale"] != "ess":  # the kernel takes ĥ/λ
+                    gradsq_hessian_(ws["stat"], 1.0 / ess, foreach=fe)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
             by_step: dict[float, list[int]] = defaultdict(list)
