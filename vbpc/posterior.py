@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SamplingError, StateDictMismatchError
-from .functional import default_foreach, gaussian_noise_
+from .functional import gaussian_noise_
 from .scope import Scope, select_parameters
 
 __all__ = ["GaussianPosterior", "DiagonalGaussian", "perturbation", "BAYES_PRECISION_SUFFIX"]
@@ -82,7 +82,7 @@ def perturbation(
 
 
 def _copy_(dst: list[Tensor], src: list[Tensor]) -> None:
-    if default_foreach(dst) and all(d.dtype == s.dtype and d.device == s.device for d, s in zip(dst, src)):
+    if all(d.dtype == s.dtype and d.device == s.device for d, s in zip(dst, src)):
         torch._foreach_copy_(dst, src)
     else:
         for d, s in zip(dst, src):

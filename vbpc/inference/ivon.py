@@ -202,9 +202,6 @@ class IVON(Optimizer):
     def _mean(self, p: Tensor) -> Tensor:
         return self.state[p].get("mean", p)
 
-    def _use_foreach(self, tensors: list[Tensor]) -> bool:
-        return default_foreach(tensors) if self.foreach is None else self.foreach
-
     @property
     def current_step(self) -> int:
         """Number of completed steps (the reference's attribute; saved in the state dict)."""
@@ -236,17 +233,42 @@ class IVON(Optimizer):
             return torch.empty(p.shape, dtype=self._sdtype(p), device=p.device)
 
         keys = ("grad", "stat", "s1", "s2") if self.parity else ("grad", "stat", "s1", "s2", "hw", "sigma")
-        ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None,
+        ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None, "parts": self._partition(params),
               "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
               **{k: [like(p) for p in params] for k in keys}}
         self._ws[gi] = ws
         return ws
 
-    def _sigma(self, group: dict, hess: list[Tensor], ws: dict, fe: bool) -> None:
+    #: CPU tensors below this size use the multi-tensor kernels (per-call overhead dominates);
+    #: larger ones the single-tensor kernels (memory passes dominate; ``out=`` saves copies).
+    FOREACH_MAX_NUMEL = 32768
+
+    def _partition(self, params: list[Tensor]) -> list[tuple[list[int], bool]]:
+        """``[(indices, foreach)]``: the kernel choice per tensor (``foreach`` overrides)."""
+        every = list(range(len(params)))
+        if self.foreach is not None:
+            return [(every, bool(self.foreach))]
+        if default_foreach(params):  # CUDA
+            return [(every, True)]
+        small = [i for i in every if params[i].numel() < self.FOREACH_MAX_NUMEL]
+        large = [i for i in every if params[i].numel() >= self.FOREACH_MAX_NUMEL]
+        return [(idx, fe) for idx, fe in ((small, True), (large, False)) if idx]
+
+    @staticmethod
+    def _parts(ws: dict, *lists: list[Tensor]) -> Iterator[tuple]:
+        """Yield ``(*sublists, foreach)`` for each kernel partition of a workspace."""
+        for idx, fe in ws["parts"]:
+            if len(idx) == len(lists[0]):
+                yield (*lists, fe)
+            else:
+                yield (*([xs[i] for i in idx] for xs in lists), fe)
+
+    def _sigma(self, group: dict, hess: list[Tensor], ws: dict) -> None:
         """Refresh the cached h+δ and σ (fast path) unless h, λ and δ are unchanged since."""
         key = (group["ess"], group["weight_decay"], [h._version for h in hess])
         if ws["sigma_key"] != key:
-            ivon_sigma_(hess, group["ess"], group["weight_decay"], ws["hw"], ws["sigma"], foreach=fe)
+            for h, hw, sg, fe in self._parts(ws, hess, ws["hw"], ws["sigma"]):
+                ivon_sigma_(h, group["ess"], group["weight_decay"], hw, sg, foreach=fe)
             ws["sigma_key"] = key
 
     def _flat(self, ws: dict, key: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -309,12 +331,13 @@ class IVON(Optimizer):
             self._check_positivity(gi, group, params)
             ws = self._workspace(gi, params)
             z = self._draw_noise(gi, group, params, ws)
-            fe = self._use_foreach(z)
             if self.parity:  # exact §2.1 arithmetic: n = z / sqrt(λ(h+δ))
-                gaussian_noise_(z, hess, group["ess"], group["weight_decay"], scratch=ws["s1"], foreach=fe)
+                for zz, h, s1, fe in self._parts(ws, z, hess, ws["s1"]):
+                    gaussian_noise_(zz, h, group["ess"], group["weight_decay"], scratch=s1, foreach=fe)
             else:  # n = σ ⊙ z with σ cached at the end of the last update
-                self._sigma(group, hess, ws, fe)
-                scaled_noise_(z, ws["sigma"], foreach=fe)
+                self._sigma(group, hess, ws)
+                for zz, sg, fe in self._parts(ws, z, ws["sigma"]):
+                    scaled_noise_(zz, sg, foreach=fe)
             out.append((gi, params, z))
         return out
 
@@ -326,8 +349,8 @@ class IVON(Optimizer):
         def write() -> None:
             for gi, params, noise in draw:
                 masters = [i for i, p in enumerate(params) if "mean" in self.state[p]]
-                if not masters and self._use_foreach(params):
-                    torch._foreach_add_(params, noise)
+                if not masters:
+                    torch._foreach_add_(params, noise)  # in place, one pass (no extra copy)
                     continue
                 tmp = self._ws[gi]["s1"]
                 for i, (p, n) in enumerate(zip(params, noise)):
@@ -384,18 +407,19 @@ class IVON(Optimizer):
                 elif g.dtype != noise[i].dtype or g.layout != torch.strided:
                     g = ws["s1"][i].copy_(g.to_dense() if g.layout != torch.strided else g)
                 grads.append(g)
-            fe = self._use_foreach(grads)
-            welford_(ws["grad"], grads, k, scratch=ws["s2"], foreach=fe)
-            x = ws["stat"] if k == 1 else ws["s2"]
-            second = noise if self.param_groups[gi]["hess_approx"] == "price" else grads
-            if fe:
-                torch._foreach_copy_(x, second)
-                torch._foreach_mul_(x, grads)
-            else:
-                for xi, a, b in zip(x, second, grads):
-                    torch.mul(a, b, out=xi)
-            if k > 1:
-                welford_(ws["stat"], x, k, scratch=x, foreach=fe)
+            price = self.param_groups[gi]["hess_approx"] == "price"
+            for acc, gs, s2, st_, nz, fe in self._parts(ws, ws["grad"], grads, ws["s2"], ws["stat"], noise):
+                welford_(acc, gs, k, scratch=s2, foreach=fe)
+                x = st_ if k == 1 else s2
+                second = nz if price else gs
+                if fe:
+                    torch._foreach_copy_(x, second)
+                    torch._foreach_mul_(x, gs)
+                else:
+                    for xi, a, b in zip(x, second, gs):
+                        torch.mul(a, b, out=xi)
+                if k > 1:
+                    welford_(st_, x, k, scratch=x, foreach=fe)
 
     def _reset_samples(self) -> None:
         self._count = 0
@@ -507,25 +531,34 @@ class IVON(Optimizer):
                 continue
             params = ws["params"]
             states = [self.state[p] for p in params]
-            for st in states:
-                st["step"] += 1
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1.0)
             ess, wd = group["ess"], group["weight_decay"]
             hess = [st["hess"] for st in states]
-            fe = self._use_foreach(hess)
             price = group["hess_approx"] == "price"
             if self.parity:
-                h_hat = (price_hessian_(ws["stat"], hess, ess, wd, scratch=ws["s1"], foreach=fe) if price else
-                         gradsq_hessian_(ws["stat"], ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe))
+                for stat, h, s1, fe in self._parts(ws, ws["stat"], hess, ws["s1"]):
+                    if price:
+                        price_hessian_(stat, h, ess, wd, scratch=s1, foreach=fe)
+                    else:
+                        gradsq_hessian_(stat, ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
             else:
-                self._sigma(group, hess, ws, fe)  # hw = h + δ with the current δ
+                self._sigma(group, hess, ws)  # hw = h + δ with the current δ
                 if not price and group["gradsq_scale"] != "ess":  # the kernel takes ĥ/λ
-                    gradsq_hessian_(ws["stat"], 1.0 / ess, foreach=fe)
+                    for stat, fe in self._parts(ws, ws["stat"]):
+                        gradsq_hessian_(stat, 1.0 / ess, foreach=fe)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
-            by_step: dict[float, list[int]] = defaultdict(list)
-            for i, st in enumerate(states):
-                by_step[float(st["step"])].append(i)
-            for t, idx in by_step.items():
+            # parameters are bucketed by kernel and by step count t (t differs only for
+            # parameters that became trainable later); c_t is a host double (§2.1 item 5)
+            t_all = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
+            buckets: dict[tuple[float, bool], list[int]] = defaultdict(list)
+            for idx, fe in ws["parts"]:
+                for i in idx:
+                    buckets[(t_all[i], fe)].append(i)
+            means = [st.get("mean", p) for st, p in zip(states, params)]
+            momenta = [st["momentum"] for st in states]
+            for (t, fe), idx in buckets.items():
                 c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
 
                 def pick(xs: list[Tensor]) -> list[Tensor]:
@@ -533,13 +566,11 @@ class IVON(Optimizer):
 
                 common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
                               clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
-                means = pick([st.get("mean", p) for st, p in zip(states, params)])
-                momenta = pick([st["momentum"] for st in states])
                 if self.parity:
-                    ivon_update_(means, momenta, pick(hess), pick(ws["grad"]), pick(h_hat),
+                    ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["grad"]), pick(ws["stat"]),
                                  scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
                 else:
-                    ivon_update_fast_(means, momenta, pick(hess), pick(ws["grad"]), pick(ws["stat"]),
+                    ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["grad"]), pick(ws["stat"]),
                                       pick(ws["hw"]), pick(ws["sigma"]), ess=ess, price=price, **common)
             if not self.parity:
                 ws["sigma_key"] = (ess, wd, [h._version for h in hess])
