@@ -281,8 +281,7 @@ def test_o9_resume_equals_uninterrupted(tmp_path):
 def test_o10_sample_covariance_matches_posterior():
     p = nn.Parameter(torch.randn(6, dtype=F64))
     opt = vbpc.IVON([p], lr=0.1, ess=50.0, weight_decay=0.02)
-    opt.state[p]  # noqa: B018 - state created lazily below
-    post = opt.posterior()
+    post = opt.posterior()  # creates the state lazily
     post.hess[post.names[0]].copy_(torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0, 20.0], dtype=F64))
     draws = []
     for _ in range(20_000):

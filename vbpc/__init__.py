@@ -9,6 +9,7 @@ from .version import __version__
 
 __all__ = [
     "IVON",
+    "nn",
     "DiagonalGaussian",
     "GaussianPosterior",
     "Scope",

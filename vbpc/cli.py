@@ -33,7 +33,7 @@ def _info(args: argparse.Namespace) -> int:
         from .data.fashion_mnist import find_fashion_mnist
 
         report["fashion_mnist"] = str(find_fashion_mnist()[0].parent)
-    except Exception as exc:  # noqa: BLE001 - report, do not fail
+    except Exception as exc:  # report, do not fail
         report["fashion_mnist"] = f"missing ({type(exc).__name__})"
     print(json.dumps(report, indent=2))
     return 0

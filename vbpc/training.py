@@ -108,11 +108,9 @@ def evaluate(
     Without ``posterior`` (or with ``n_samples == 0``) the model is scored at its current
     weights (for a :class:`vbpc.IVON`-trained model: the posterior mean).  Otherwise each
     batch is scored by Bayesian model averaging over ``n_samples`` weight samples
-    :math:`\theta_s\sim q` loaded in place with ``posterior.sampled(...)``: bound to ``model``
-    by name when the posterior's names are ``model``'s parameter names (as with
-    ``optimizer.posterior(model)``), else through the posterior's own binding (as with
-    ``optimizer.posterior()``).  ``posterior`` must provide ``sampled`` (e.g.
-    :class:`vbpc.DiagonalGaussian`); ``generator`` must live on the parameters' device.
+    :math:`\theta_s\sim q` loaded in place with ``posterior.sampled(model)`` (bound by name,
+    or by identity for a posterior that already points at ``model``'s parameters).
+    ``generator`` must live on the parameters' device.
 
     .. math::
         \bar p(y\mid x) = \frac1S\sum_s \mathrm{softmax}(f_{\theta_s}(x))_y,\qquad
@@ -130,12 +128,6 @@ def evaluate(
     use_bma = posterior is not None and n_samples > 0
     if posterior is not None and n_samples == 0:
         raise ValueError("evaluate: a posterior was given but n_samples == 0; pass n_samples >= 1 for BMA")
-    if use_bma:
-        # Bind by name when the posterior's names are the model's (``optimizer.posterior(model)``,
-        # a saved posterior); otherwise rely on its own binding (``optimizer.posterior()``).
-        own = dict(model.named_parameters(remove_duplicate=False))
-        names = posterior.names  # type: ignore[union-attr]
-        bind_to: Optional[nn.Module] = model if all(n in own for n in names) else None
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -146,7 +138,7 @@ def evaluate(
             if use_bma:
                 logps = []
                 for _ in range(n_samples):
-                    with posterior.sampled(bind_to, generator=generator):  # type: ignore[union-attr]
+                    with posterior.sampled(model, generator=generator):  # type: ignore[union-attr]
                         logps.append(F.log_softmax(model(x).float(), dim=-1))
                 logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(n_samples)
             else:

@@ -79,6 +79,15 @@ def _check_hparams(h: dict, where: str = "") -> None:
         bad("gradsq_scale", f"one of {GRADSQ_SCALE}")
 
 
+def _picker(idx: list[int]) -> Callable[[list[Tensor]], list[Tensor]]:
+    """Select ``idx`` from aligned per-parameter lists (no copy when ``idx`` is everything)."""
+
+    def pick(xs: list[Tensor]) -> list[Tensor]:
+        return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+
+    return pick
+
+
 class IVON(Optimizer):
     r"""Improved Variational Online Newton (Shen et al., 2024), ALGORITHMS.md §2.
 
@@ -101,7 +110,14 @@ class IVON(Optimizer):
         state_dtype: minimum dtype of ``m``, ``g``, ``h`` (default float32: bf16/fp16
             parameters get fp32 master weights, §2.2 fix 5).
         gradsq_scale: ``"ess"`` (:math:`\hat h=\lambda\overline{g^2}`) or ``"none"``.
-        foreach: use ``torch._foreach_*`` kernels (default: when all tensors are CPU/CUDA).
+        foreach: force (``True``) or forbid (``False``) the ``torch._foreach_*`` kernels.  The
+            default uses them on CUDA, and on the CPU for tensors under
+            :attr:`FOREACH_MAX_NUMEL` elements (larger ones use single-tensor ``out=`` kernels).
+
+    Arithmetic: by default the update runs the fused kernels of
+    :func:`vbpc.functional.ivon_update_fast_` (11 memory passes, σ cached between steps), which
+    equal eqs. (7)-(10) up to floating-point rounding.  ``parity=True`` runs the §2.1 exact
+    association instead (:func:`vbpc.functional.ivon_update_`), bit for bit the reference's.
 
     Use ``step(closure)``: the learner samples weights ``mc_samples`` times and calls
     ``closure`` (which computes the loss and calls ``backward``) at each sample.  Or, as
@@ -199,9 +215,6 @@ class IVON(Optimizer):
     def _trainable(group: dict) -> list[Tensor]:
         return [p for p in group["params"] if p.requires_grad]
 
-    def _mean(self, p: Tensor) -> Tensor:
-        return self.state[p].get("mean", p)
-
     @property
     def current_step(self) -> int:
         """Number of completed steps (the reference's attribute; saved in the state dict)."""
@@ -222,11 +235,13 @@ class IVON(Optimizer):
 
     # ------------------------------------------------------------------ sampling
     def _workspace(self, gi: int, params: list[Tensor]) -> dict[str, Any]:
-        """Transient buffers of group ``gi`` (≈6d, §6.4), reused across steps so the hot loop
-        allocates nothing: saved means, flat noise, two accumulators and two scratch lists."""
+        """Transient buffers of group ``gi``, reused across steps so the hot loop allocates
+        nothing: saved means, flat noise, two accumulators, two scratch lists and (fast path)
+        the cached h+δ and σ: 8d (6d under parity) next to the persistent 3d state (§6.4)."""
         ws = self._ws.get(gi)
         if ws is not None and len(ws["params"]) == len(params) and all(
-                a is b and a.shape == s.shape for a, b, s in zip(ws["params"], params, ws["saved"])):
+                a is b and a.shape == s.shape and a.device == s.device
+                for a, b, s in zip(ws["params"], params, ws["saved"])):
             return ws
 
         def like(p: Tensor) -> Tensor:
@@ -560,9 +575,7 @@ class IVON(Optimizer):
             momenta = [st["momentum"] for st in states]
             for (t, fe), idx in buckets.items():
                 c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
-
-                def pick(xs: list[Tensor]) -> list[Tensor]:
-                    return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+                pick = _picker(idx)
 
                 common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
                               clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
