@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import vbpc
+from helpers import ce_closure
 
 
 def _mlp(seed=0, dtype=torch.float32):
@@ -25,13 +26,7 @@ def _data():
     return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def _closure(model, opt, x, y, scale=1.0):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y) * scale
-        loss.backward()
-        return loss
-    return closure
+_closure = ce_closure
 
 
 def _snapshot(model, opt):

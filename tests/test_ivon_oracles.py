@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vbpc
+from helpers import train_steps as _train
 from vbpc.functional import gaussian_noise_, gradsq_hessian_, ivon_update_, price_hessian_, welford_
 
 F64 = torch.float64
@@ -194,12 +195,7 @@ def test_o7_mc_equals_accumulation():
         torch.manual_seed(11)
         for _ in range(4):
             if mode == "closure":
-                def closure():
-                    opt.zero_grad()
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    loss.backward()
-                    return loss
-                opt.step(closure)
+                _train(model, opt, 1, x, y)
             else:
                 for _ in range(3):
                     with opt.sampled_params(train=True):
@@ -231,16 +227,6 @@ def test_o7_micro_batches_average_not_sum():
             ((p - t) ** 2).sum().backward()
     opt.step()
     torch.testing.assert_close(opt.state[p]["momentum"], torch.full((3,), -4.0, dtype=F64), rtol=1e-6, atol=0)
-
-
-def _train(model, opt, steps, x, y):
-    for _ in range(steps):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
 
 
 def test_o9_resume_equals_uninterrupted(tmp_path):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import vbpc
+from helpers import train_steps
 from vbpc.posterior import DiagonalGaussian, _Entry
 
 F64 = torch.float64
@@ -83,13 +84,7 @@ def test_state_dict_roundtrip_and_prediction_without_optimizer(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     opt = vbpc.IVON(model.parameters(), lr=0.1, ess=50.0, hess_init=0.2)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-    for _ in range(3):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    train_steps(model, opt, 3, x, y)
     post = opt.posterior(model)
     torch.save({"model": model.state_dict(), "posterior": post.state_dict()}, tmp_path / "p.pt")
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "product_",
     "gaussian_noise_",
     "scaled_noise_",
     "ivon_sigma_",
@@ -61,6 +62,34 @@ def _shift(src: list[Tensor], scalar: float, out: Scratch, foreach: bool) -> lis
         for o, s in zip(out, src):
             torch.add(s, scalar, out=o)
     return out
+
+
+def _binary(op: str, a: list[Tensor], b: list[Tensor], out: Scratch, foreach: bool) -> list[Tensor]:
+    """``out = a (op) b`` for ``op`` in ``sub``/``mul`` (``out`` reused when given)."""
+    if out is None:
+        if foreach:
+            return getattr(torch, f"_foreach_{op}")(a, b)
+        return [getattr(torch, op)(x, y) for x, y in zip(a, b)]
+    if foreach:
+        torch._foreach_copy_(out, a)
+        getattr(torch, f"_foreach_{op}_")(out, b)
+    else:
+        fn = getattr(torch, op)
+        for o, x, y in zip(out, a, b):
+            fn(x, y, out=o)
+    return out
+
+
+def _diff(a: list[Tensor], b: list[Tensor], out: Scratch, foreach: bool) -> list[Tensor]:
+    """``out = a - b``."""
+    return _binary("sub", a, b, out, foreach)
+
+
+def product_(out: list[Tensor], a: list[Tensor], b: list[Tensor], *, foreach: Optional[bool] = None) -> list[Tensor]:
+    r"""``out = a ⊙ b`` without allocating: the per-sample statistic :math:`n\odot g` or :math:`g^2` (eq. 6)."""
+    if foreach is None:
+        foreach = default_foreach(out)
+    return _binary("mul", a, b, out, foreach)
 
 
 # ----------------------------------------------------------------------------- (5), (10)
@@ -105,19 +134,13 @@ def welford_(
             for a, xi in zip(avg, x):
                 a.copy_(xi)
         return
+    d = _diff(x, avg, scratch, foreach)
     if foreach:
-        if scratch is None:
-            d = torch._foreach_sub(x, avg)
-        else:
-            d = scratch
-            torch._foreach_copy_(d, x)
-            torch._foreach_sub_(d, avg)
         torch._foreach_div_(d, float(count))
         torch._foreach_add_(avg, d)
     else:
-        for i, (a, xi) in enumerate(zip(avg, x)):
-            d = torch.sub(xi, a) if scratch is None else torch.sub(xi, a, out=scratch[i])
-            a.add_(d.div_(float(count)))
+        for a, di in zip(avg, d):
+            a.add_(di.div_(float(count)))
 
 
 def price_hessian_(
@@ -200,12 +223,7 @@ def ivon_update_(
         torch._foreach_add_(momenta, g_hat)
         # (8): diff = (c * (h - h_hat)^2) / (h + delta), old h
         hw = _shift(hess, weight_decay, s1, True)
-        if s2 is None:
-            diff = torch._foreach_sub(hess, h_hat)
-        else:
-            diff = s2
-            torch._foreach_copy_(diff, hess)
-            torch._foreach_sub_(diff, h_hat)
+        diff = _diff(hess, h_hat, s2, True)
         torch._foreach_mul_(diff, diff)
         torch._foreach_mul_(diff, c)
         torch._foreach_div_(diff, hw)

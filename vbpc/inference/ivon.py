@@ -38,6 +38,7 @@ from ..functional import (
     ivon_update_,
     ivon_update_fast_,
     price_hessian_,
+    product_,
     scaled_noise_,
     welford_,
 )
@@ -426,13 +427,7 @@ class IVON(Optimizer):
             for acc, gs, s2, st_, nz, fe in self._parts(ws, ws["grad"], grads, ws["s2"], ws["stat"], noise):
                 welford_(acc, gs, k, scratch=s2, foreach=fe)
                 x = st_ if k == 1 else s2
-                second = nz if price else gs
-                if fe:
-                    torch._foreach_copy_(x, second)
-                    torch._foreach_mul_(x, gs)
-                else:
-                    for xi, a, b in zip(x, second, gs):
-                        torch.mul(a, b, out=xi)
+                product_(x, nz if price else gs, gs, foreach=fe)
                 if k > 1:
                     welford_(st_, x, k, scratch=x, foreach=fe)
 
