@@ -31,8 +31,8 @@ from torch import Tensor
 __all__ = [
     "product_",
     "gaussian_noise_",
-    "scaled_noise_",
-    "ivon_sigma_",
+    "perturb_",
+    "ivon_rsqrt_",
     "ivon_update_fast_",
     "welford_",
     "price_hessian_",
@@ -262,35 +262,43 @@ def ivon_update_(
 
 
 # ----------------------------------------------------------------------------- fast path
-def ivon_sigma_(
-    hess: list[Tensor], ess: float, weight_decay: float, hw: list[Tensor], sigma: list[Tensor], *,
+# The default (non-parity) path caches r = (h+δ)^{-1/2} and h+δ between steps and keeps the
+# *standard* normals z of each sample, so that with σ = r/√λ (eq. 10):
+#     θ = m + (r ⊙ z)/√λ                         one addcmul            (5)
+#     ĥ = mean(z ⊙ g) ⊙ √(λ(h+δ)) = √λ·mean(z⊙g)/r                     (5), (6)
+# Every λ is folded into host scalars.
+
+
+def ivon_rsqrt_(
+    hess: list[Tensor], weight_decay: float, hw: list[Tensor], rsqrt_hw: list[Tensor], *,
     foreach: Optional[bool] = None,
 ) -> None:
-    r"""Cache :math:`h+\delta` in ``hw`` and :math:`\sigma=(\lambda(h+\delta))^{-1/2}` in ``sigma`` (eq. 10)."""
+    r"""Cache :math:`h+\delta` in ``hw`` and :math:`r=(h+\delta)^{-1/2}` in ``rsqrt_hw``, so that
+    :math:`\sigma=r/\sqrt\lambda` (eq. 10)."""
     if foreach is None:
         foreach = default_foreach(hess)
+    _shift(hess, weight_decay, hw, foreach)
     if foreach:
-        _shift(hess, weight_decay, hw, True)
-        torch._foreach_copy_(sigma, hw)
-        torch._foreach_mul_(sigma, ess)
-        for s in sigma:
-            s.rsqrt_()
+        torch._foreach_copy_(rsqrt_hw, hw)
+        for r in rsqrt_hw:
+            r.rsqrt_()
     else:
-        for h, w, s in zip(hess, hw, sigma):
-            torch.add(h, weight_decay, out=w)
-            torch.mul(w, ess, out=s).rsqrt_()
+        for w, r in zip(hw, rsqrt_hw):
+            torch.rsqrt(w, out=r)
 
 
-def scaled_noise_(z: list[Tensor], sigma: list[Tensor], *, foreach: Optional[bool] = None) -> list[Tensor]:
-    r""":math:`n=\sigma\odot z` in place (eq. 5) with a cached σ: one pass instead of four."""
+def perturb_(
+    params: list[Tensor], z: list[Tensor], rsqrt_hw: list[Tensor], ess: float, *, foreach: Optional[bool] = None,
+) -> None:
+    r""":math:`\theta = m + \sigma\odot z` in place, :math:`\sigma=r/\sqrt\lambda` (eq. 5), one pass."""
     if foreach is None:
-        foreach = default_foreach(z)
+        foreach = default_foreach(params)
+    value = 1.0 / math.sqrt(ess)
     if foreach:
-        torch._foreach_mul_(z, sigma)
+        torch._foreach_addcmul_(params, z, rsqrt_hw, value=value)
     else:
-        for zi, s in zip(z, sigma):
-            zi.mul_(s)
-    return z
+        for p, zi, r in zip(params, z, rsqrt_hw):
+            p.addcmul_(zi, r, value=value)
 
 
 def ivon_update_fast_(
@@ -298,9 +306,9 @@ def ivon_update_fast_(
     momenta: list[Tensor],
     hess: list[Tensor],
     g_hat: list[Tensor],
-    nxg: list[Tensor],
+    stat: list[Tensor],
     hw: list[Tensor],
-    sigma: list[Tensor],
+    rsqrt_hw: list[Tensor],
     *,
     ess: float,
     eta: float,
@@ -312,66 +320,67 @@ def ivon_update_fast_(
     price: bool = True,
     foreach: Optional[bool] = None,
 ) -> None:
-    r"""Eqs. (6)-(10) in 11 fused memory passes instead of about 25 (the default, non-parity path).
+    r"""Eqs. (6)-(10) in 10 fused memory passes instead of about 25 (the default, non-parity path).
 
-    Same mathematics as :func:`price_hessian_` + :func:`ivon_update_` + :func:`ivon_sigma_`,
-    rearranged with :math:`u=(\hat h-h)/\lambda` and :math:`c_t` folded into scalars:
+    Same mathematics as :func:`price_hessian_` + :func:`ivon_update_`, rearranged with
+    :math:`u=(\hat h-h)/\sqrt\lambda`, :math:`r=(h+\delta)^{-1/2}` and :math:`c_t` folded into
+    host scalars:
 
     .. math::
-        u &= \overline{n\odot g}\odot(h+\delta) - h/\lambda
-            \quad(\text{Price; gradsq: ``nxg`` holds }\hat h/\lambda)\\
+        u &= \overline{z\odot g}/r - h/\sqrt\lambda
+            \quad(\text{Price; gradsq: ``stat`` holds }\hat h/\sqrt\lambda)\\
         g &\leftarrow \mathrm{lerp}(g,\hat g,1-\beta_1)\\
-        h &\leftarrow h+(1-\beta_2)\lambda u+\tfrac12(1-\beta_2)^2\lambda^2 u^2/(h+\delta)\\
+        h &\leftarrow h+(1-\beta_2)\sqrt\lambda\,u+\tfrac12(1-\beta_2)^2\lambda\,u^2/(h+\delta)\\
         m &\leftarrow m-\tfrac{\eta_t}{c_t}\,\mathrm{clip}_{\xi c_t}\big((g+c_t\delta m)/(h'+\delta)\big)
 
-    ``hw`` must hold :math:`h+\delta` of the pre-update :math:`h` on entry; on exit ``hw`` and
-    ``sigma`` hold the values for the updated :math:`h` (ready for the next sample).
-    ``g_hat`` and ``nxg`` are consumed.  Agrees with the exact path to rounding (tested).
+    ``hw``/``rsqrt_hw`` must hold :math:`h+\delta` and :math:`r` of the pre-update :math:`h` on
+    entry; on exit they hold those of the updated :math:`h` (ready for the next sample).
+    ``stat`` is consumed; ``g_hat`` is only read.  Agrees with the exact path to rounding (tested).
     """
     if foreach is None:
         foreach = default_foreach(means)
     one_m_b1, one_m_b2 = 1.0 - beta1, 1.0 - beta2
-    c = 0.5 * one_m_b2**2
+    root = math.sqrt(ess)
+    c = 0.5 * one_m_b2**2 * ess
     clip = math.isfinite(clip_radius)
     a = weight_decay * bias_correction
+    step = -eta / bias_correction
     if foreach:
-        # u = ĥ/λ - h/λ, so that d = λu (the Price ĥ/λ is (n⊙g)⊙(h+δ)); gradsq passes ĥ
+        u = stat
         if price:
-            torch._foreach_mul_(nxg, hw)
+            torch._foreach_div_(u, rsqrt_hw)
         torch._foreach_lerp_(momenta, g_hat, one_m_b1)
-        u = nxg
-        torch._foreach_sub_(u, hess, alpha=1.0 / ess)
-        torch._foreach_add_(hess, u, alpha=one_m_b2 * ess)
+        torch._foreach_sub_(u, hess, alpha=1.0 / root)
+        torch._foreach_add_(hess, u, alpha=one_m_b2 * root)
         torch._foreach_mul_(u, u)
-        torch._foreach_addcdiv_(hess, u, hw, value=c * ess * ess)
+        torch._foreach_addcdiv_(hess, u, hw, value=c)
         _shift(hess, weight_decay, hw, True)
-        num = g_hat
+        num = u  # u is consumed: reuse it for (g + c_t δ m)
         torch._foreach_copy_(num, momenta)
         torch._foreach_add_(num, means, alpha=a)
         if clip:
             torch._foreach_div_(num, hw)
             torch._foreach_clamp_min_(num, -clip_radius * bias_correction)
             torch._foreach_clamp_max_(num, clip_radius * bias_correction)
-            torch._foreach_add_(means, num, alpha=-eta / bias_correction)
+            torch._foreach_add_(means, num, alpha=step)
         else:
-            torch._foreach_addcdiv_(means, num, hw, value=-eta / bias_correction)
-        torch._foreach_copy_(sigma, hw)
-        torch._foreach_mul_(sigma, ess)
-        for s in sigma:
-            s.rsqrt_()
+            torch._foreach_addcdiv_(means, num, hw, value=step)
+        torch._foreach_copy_(rsqrt_hw, hw)
+        for r in rsqrt_hw:
+            r.rsqrt_()
         return
-    for m, g, h, gh, u, w, s in zip(means, momenta, hess, g_hat, nxg, hw, sigma):
+    for m, g, h, gh, u, w, r in zip(means, momenta, hess, g_hat, stat, hw, rsqrt_hw):
         if price:
-            u.mul_(w)
+            u.div_(r)
         g.lerp_(gh, one_m_b1)
-        u.sub_(h, alpha=1.0 / ess)
-        h.add_(u, alpha=one_m_b2 * ess)
-        h.addcdiv_(u.mul_(u), w, value=c * ess * ess)
+        u.sub_(h, alpha=1.0 / root)
+        h.add_(u, alpha=one_m_b2 * root)
+        h.addcdiv_(u.mul_(u), w, value=c)
         torch.add(h, weight_decay, out=w)
-        num = torch.add(g, m, alpha=a, out=gh)
+        num = torch.add(g, m, alpha=a, out=u)
         if clip:
             num.div_(w).clamp_(-clip_radius * bias_correction, clip_radius * bias_correction)
-            m.add_(num, alpha=-eta / bias_correction)
+            m.add_(num, alpha=step)
         else:
-            m.addcdiv_(num, w, value=-eta / bias_correction)
-        torch.mul(w, ess, out=s).rsqrt_()
+            m.addcdiv_(num, w, value=step)
+        torch.rsqrt(w, out=r)

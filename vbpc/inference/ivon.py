@@ -34,12 +34,12 @@ from ..functional import (
     default_foreach,
     gaussian_noise_,
     gradsq_hessian_,
-    ivon_sigma_,
+    ivon_rsqrt_,
     ivon_update_,
     ivon_update_fast_,
     price_hessian_,
+    perturb_,
     product_,
-    scaled_noise_,
     welford_,
 )
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
@@ -248,7 +248,7 @@ class IVON(Optimizer):
         def like(p: Tensor) -> Tensor:
             return torch.empty(p.shape, dtype=self._sdtype(p), device=p.device)
 
-        keys = ("grad", "stat", "s1", "s2") if self.parity else ("grad", "stat", "s1", "s2", "hw", "sigma")
+        keys = ("grad", "stat", "s1", "s2") if self.parity else ("grad", "stat", "s1", "s2", "hw", "rsqrt")
         ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None, "parts": self._partition(params),
               "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
               **{k: [like(p) for p in params] for k in keys}}
@@ -280,11 +280,11 @@ class IVON(Optimizer):
                 yield (*([xs[i] for i in idx] for xs in lists), fe)
 
     def _sigma(self, group: dict, hess: list[Tensor], ws: dict) -> None:
-        """Refresh the cached h+δ and σ (fast path) unless h, λ and δ are unchanged since."""
-        key = (group["ess"], group["weight_decay"], [h._version for h in hess])
+        """Refresh the cached h+δ and (h+δ)^{-1/2} (fast path) unless h and δ are unchanged."""
+        key = (group["weight_decay"], [h._version for h in hess])
         if ws["sigma_key"] != key:
-            for h, hw, sg, fe in self._parts(ws, hess, ws["hw"], ws["sigma"]):
-                ivon_sigma_(h, group["ess"], group["weight_decay"], hw, sg, foreach=fe)
+            for h, hw, r, fe in self._parts(ws, hess, ws["hw"], ws["rsqrt"]):
+                ivon_rsqrt_(h, group["weight_decay"], hw, r, foreach=fe)
             ws["sigma_key"] = key
 
     def _flat(self, ws: dict, key: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -350,10 +350,8 @@ class IVON(Optimizer):
             if self.parity:  # exact §2.1 arithmetic: n = z / sqrt(λ(h+δ))
                 for zz, h, s1, fe in self._parts(ws, z, hess, ws["s1"]):
                     gaussian_noise_(zz, h, group["ess"], group["weight_decay"], scratch=s1, foreach=fe)
-            else:  # n = σ ⊙ z with σ cached at the end of the last update
+            else:  # keep z; θ = m + σ⊙z is written in one pass with σ cached (see perturb_)
                 self._sigma(group, hess, ws)
-                for zz, sg, fe in self._parts(ws, z, ws["sigma"]):
-                    scaled_noise_(zz, sg, foreach=fe)
             out.append((gi, params, z))
         return out
 
@@ -364,16 +362,22 @@ class IVON(Optimizer):
 
         def write() -> None:
             for gi, params, noise in draw:
-                masters = [i for i, p in enumerate(params) if "mean" in self.state[p]]
-                if not masters:
-                    torch._foreach_add_(params, noise)  # in place, one pass (no extra copy)
+                if self.parity:  # θ = m + n (§2.1 item 3); parity parameters have no fp32 master
+                    torch._foreach_add_(params, noise)
                     continue
-                tmp = self._ws[gi]["s1"]
-                for i, (p, n) in enumerate(zip(params, noise)):
-                    if i in masters:  # low-precision parameter: θ = m + n from the fp32 master
-                        p.copy_(torch.add(self.state[p]["mean"], n, out=tmp[i]))
+                ws, ess = self._ws[gi], self.param_groups[gi]["ess"]
+                masters = {i for i, p in enumerate(params) if "mean" in self.state[p]}
+                if not masters:
+                    for ps, zz, r, fe in self._parts(ws, params, noise, ws["rsqrt"]):
+                        perturb_(ps, zz, r, ess, foreach=fe)
+                    continue
+                for i, p in enumerate(params):
+                    if i in masters:  # low-precision parameter: θ from the fp32 master
+                        v = ws["s1"][i].copy_(self.state[p]["mean"])
+                        perturb_([v], [noise[i]], [ws["rsqrt"][i]], ess, foreach=False)
+                        p.copy_(v)
                     else:
-                        p.add_(n)
+                        perturb_([p], [noise[i]], [ws["rsqrt"][i]], ess, foreach=False)
 
         return draw, perturbation(targets, lambda: self._names(targets), owner, write, saved)
 
@@ -402,8 +406,12 @@ class IVON(Optimizer):
         if train:
             self._collect(draw)
 
-    def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> None:
-        """Fold the gradients of one sample into Welford means (eq. 6, §2.1 item 4)."""
+    def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]], alias: bool = False) -> None:
+        """Fold the gradients of one sample into Welford means (eq. 6, §2.1 item 4).
+
+        ``alias`` (``step(closure)`` with one sample, fast path, no ``sync``): nothing can touch
+        ``p.grad`` before the update, which only reads ĝ, so ĝ is the gradients themselves
+        (one memory pass saved; ``p.grad`` is left as the closure made it)."""
         if self._count and set(self._acc) != {gi for gi, _, _ in draw}:
             self._reset_samples()
             raise SamplingError("the trainable parameters changed between MC samples of one step")
@@ -424,14 +432,18 @@ class IVON(Optimizer):
                     g = ws["s1"][i].copy_(g.to_dense() if g.layout != torch.strided else g)
                 grads.append(g)
             price = self.param_groups[gi]["hess_approx"] == "price"
+            ws["ghat"] = grads if alias else ws["grad"]
             for acc, gs, s2, st_, nz, fe in self._parts(ws, ws["grad"], grads, ws["s2"], ws["stat"], noise):
-                welford_(acc, gs, k, scratch=s2, foreach=fe)
+                if not alias:
+                    welford_(acc, gs, k, scratch=s2, foreach=fe)
                 x = st_ if k == 1 else s2
                 product_(x, nz if price else gs, gs, foreach=fe)
                 if k > 1:
                     welford_(st_, x, k, scratch=x, foreach=fe)
 
     def _reset_samples(self) -> None:
+        for ws in self._acc.values():
+            ws["ghat"] = None  # drop references to aliased gradients
         self._count = 0
         self._acc = {}
 
@@ -467,7 +479,7 @@ class IVON(Optimizer):
                                 loss = closure()
                         finally:
                             self._closure_owned = False
-                    self._collect(draw)
+                    self._collect(draw, alias=self.mc_samples == 1 and not self.parity and not self.sync)
                     losses.append(torch.as_tensor(loss).detach())
             except BaseException:
                 self._reset_samples()
@@ -503,7 +515,7 @@ class IVON(Optimizer):
             raise NonFiniteError(f"the closure returned a non-finite loss ({losses[bad_loss[0]].item()}) at MC "
                                  f"sample {bad_loss[0]}; the step was skipped and no state changed")
         for acc in self._acc.values():
-            for p, g, s in zip(acc["params"], acc["grad"], acc["stat"]):
+            for p, g, s in zip(acc["params"], acc["ghat"], acc["stat"]):
                 if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(s).all())):
                     raise NonFiniteError(f"non-finite gradient for parameter {self._names([p])[0]!r} (shape "
                                          f"{tuple(p.shape)}); the step was skipped and no state changed")
@@ -513,7 +525,7 @@ class IVON(Optimizer):
         """Average the collected means over ranks (only accumulators that exist, fix 6)."""
         world = dist.get_world_size()
         for acc in self._acc.values():
-            for t in acc["grad"] + acc["stat"]:
+            for t in acc["ghat"] + acc["stat"]:
                 dist.all_reduce(t)
                 t.div_(world)
 
@@ -554,9 +566,10 @@ class IVON(Optimizer):
                         gradsq_hessian_(stat, ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
             else:
                 self._sigma(group, hess, ws)  # hw = h + δ with the current δ
-                if not price and group["gradsq_scale"] != "ess":  # the kernel takes ĥ/λ
+                if not price:  # the kernel takes ĥ/√λ, ĥ = λ·mean(g²) ("ess") or mean(g²)
+                    scale = ess if group["gradsq_scale"] == "ess" else 1.0
                     for stat, fe in self._parts(ws, ws["stat"]):
-                        gradsq_hessian_(stat, 1.0 / ess, foreach=fe)
+                        gradsq_hessian_(stat, scale / math.sqrt(ess), foreach=fe)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
             # parameters are bucketed by kernel and by step count t (t differs only for
@@ -575,13 +588,13 @@ class IVON(Optimizer):
                 common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
                               clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
                 if self.parity:
-                    ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["grad"]), pick(ws["stat"]),
+                    ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
                                  scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
                 else:
-                    ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["grad"]), pick(ws["stat"]),
-                                      pick(ws["hw"]), pick(ws["sigma"]), ess=ess, price=price, **common)
+                    ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
+                                      pick(ws["hw"]), pick(ws["rsqrt"]), ess=ess, price=price, **common)
             if not self.parity:
-                ws["sigma_key"] = (ess, wd, [h._version for h in hess])
+                ws["sigma_key"] = (wd, [h._version for h in hess])
             for p, st in zip(params, states):
                 if "mean" in st:
                     p.copy_(st["mean"])
