@@ -22,7 +22,7 @@ from vbpc import DiagonalGaussian, Scope, select_parameters
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D
+Conv1D = transformers.pytorch_utils.Conv1D
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -47,7 +47,8 @@ def _fmnist(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vbpc", description="Variational Bayesian deep learning with posterior correction.")
+    ap = argparse.ArgumentParser(prog="vbpc",
+                                 description="Variational Bayesian deep learning with posterior correction.")
     ap.add_argument("--version", action="version", version=f"vbpc {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and installed offline data")

@@ -270,7 +270,9 @@ class DiagonalGaussian(GaussianPosterior):
 
     @torch.no_grad()
     def sample(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
-        r""":math:`\theta = m + z/\sqrt{\lambda(h+\delta)}`, :math:`z\sim\mathcal N(0,I)` (eq. 5), in the state dtype."""
+        r""":math:`\theta = m + z/\sqrt{\lambda(h+\delta)}`, :math:`z\sim\mathcal N(0,I)` (eq. 5).
+
+        Built in the wider of the mean's and the precision's dtypes."""
         noise = self._noise(generator)
         out = {}
         for e, n in zip(self._entries, noise):

@@ -609,7 +609,7 @@ class IVON(Optimizer):
             for n, p in model.named_parameters(remove_duplicate=False):
                 names.setdefault(id(p), n)
         entries = []
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for p in self._trainable(group):
                 st = self._state(p, group)
                 name = names.get(id(p)) or self._names([p])[0]
