@@ -116,7 +116,7 @@ class IVON(Optimizer):
             :attr:`FOREACH_MAX_NUMEL` elements (larger ones use single-tensor ``out=`` kernels).
 
     Arithmetic: by default the update runs the fused kernels of
-    :func:`vbpc.functional.ivon_update_fast_` (11 memory passes, σ cached between steps), which
+    :func:`vbpc.functional.ivon_update_fast_` (10 memory passes, σ cached between steps), which
     equal eqs. (7)-(10) up to floating-point rounding.  ``parity=True`` runs the §2.1 exact
     association instead (:func:`vbpc.functional.ivon_update_`), bit for bit the reference's.
 
@@ -334,7 +334,9 @@ class IVON(Optimizer):
         return ws["views"]
 
     def _draw_sample(self) -> list[tuple[int, list[Tensor], list[Tensor]]]:
-        """Draw noise for every group: ``[(group index, params, noise n)]`` (eq. 5)."""
+        """Draw noise for every group: ``[(group index, params, noise)]`` (eq. 5).  The noise is
+        :math:`n=\\sigma\\odot z` under parity, else the standard normals :math:`z` (the fast
+        path writes θ and forms the Price statistic from z and the cached σ)."""
         out = []
         for gi, group in enumerate(self.param_groups):
             params = self._trainable(group)
