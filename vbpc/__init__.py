@@ -3,7 +3,7 @@
 from . import nn
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
-from .posterior import DiagonalGaussian, GaussianPosterior
+from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
 from .version import __version__
 
@@ -11,6 +11,8 @@ __all__ = [
     "IVON",
     "nn",
     "DiagonalGaussian",
+    "IsotropicGaussian",
+    "FullGaussian",
     "GaussianPosterior",
     "Scope",
     "select_parameters",
