@@ -323,3 +323,21 @@ def test_mismatched_state_dict_is_rejected_without_change():
         opt.load_state_dict(sgd.state_dict())
     with pytest.raises(vbpc.StateDictMismatchError, match="lacks"):
         opt.load_state_dict({"state": {}})
+
+
+def test_deepcopy_and_pickle_keep_flags_and_state():
+    import pickle
+
+    model = _mlp()
+    x, y = _data()
+    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=100.0, mc_samples=2, hess_approx="gradsq")
+    opt.step(_closure(model, opt, x, y))
+    m2, o2 = copy.deepcopy((model, opt))
+    assert o2.mc_samples == 2 and o2.hess_approx == "gradsq" and o2.current_step == 1
+    torch.manual_seed(0)
+    opt.step(_closure(model, opt, x, y))
+    torch.manual_seed(0)
+    o2.step(_closure(m2, o2, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+    o3 = pickle.loads(pickle.dumps(opt))
+    assert o3.mc_samples == 2

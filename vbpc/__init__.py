@@ -3,12 +3,17 @@
 from . import nn
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
+from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
 from .version import __version__
 
 __all__ = [
     "IVON",
+    "VSGDPoCo",
+    "VSGD",
+    "SVRG",
+    "AlphaSVRG",
     "nn",
     "DiagonalGaussian",
     "IsotropicGaussian",

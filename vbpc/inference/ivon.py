@@ -620,6 +620,13 @@ class IVON(Optimizer):
         return DiagonalGaussian(entries)
 
     # ------------------------------------------------------------------ serialization
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the transient workspaces (torch.optim keeps only 3 keys, which breaks
+        ``copy.deepcopy`` and pickling of the flags); refuses while samples are pending."""
+        if self._active or self._count:
+            raise SamplingError("cannot copy or pickle IVON while samples are pending: call step() first")
+        return {**self.__dict__, "_ws": {}, "_acc": {}}
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus vbpc's flags; step counters are in each state."""
         if self._active or self._count:
