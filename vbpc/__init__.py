@@ -3,6 +3,7 @@
 from . import nn
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
+from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
@@ -10,6 +11,8 @@ from .version import __version__
 
 __all__ = [
     "IVON",
+    "IVONPoCo",
+    "IVONPoCoMo",
     "VSGDPoCo",
     "VSGD",
     "SVRG",

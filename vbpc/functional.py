@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "poco_correct_",
     "product_",
     "gaussian_noise_",
     "perturb_",
@@ -384,3 +385,22 @@ def ivon_update_fast_(
         else:
             m.addcdiv_(num, w, value=step)
         torch.rsqrt(w, out=r)
+
+
+# ----------------------------------------------------------------------------- (22)
+def poco_correct_(x_in: list[Tensor], x_out: list[Tensor], x_bar: list[Tensor], alpha: float) -> list[Tensor]:
+    r"""Posterior correction of a statistic in place on ``x_in``, eq. (22), exactly this association:
+
+    .. math:: \tilde x = (\hat x_{in}-\alpha\hat x_{out})+\alpha\bar x_{out}
+
+    (:math:`x` is the expected gradient or the diagonal Hessian).  At α=1 with
+    :math:`\hat x_{in}=\hat x_{out}` bitwise, :math:`\tilde x=\bar x_{out}` exactly (P4).
+    ``x_bar`` may live on another device (CPU offload: one copy per tensor and step).
+    """
+    for xi, xo, xb in zip(x_in, x_out, x_bar):
+        xb = xb.to(xi.device, xi.dtype, non_blocking=True)
+        if alpha == 1.0:
+            xi.sub_(xo).add_(xb)
+        else:
+            xi.sub_(xo.mul(alpha)).add_(xb.mul(alpha))
+    return x_in

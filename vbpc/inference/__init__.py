@@ -1,6 +1,7 @@
 """Learners and workflows: IVON (and, in later modules, the posterior-corrected learners)."""
 
 from .ivon import IVON
+from .ivon_poco import IVONPoCo, IVONPoCoMo
 from .poco import SVRG, VSGD, AlphaSVRG, Anchor, VSGDPoCo
 
-__all__ = ["IVON", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG"]
+__all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG"]

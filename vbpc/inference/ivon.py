@@ -169,6 +169,7 @@ class IVON(Optimizer):
         self.state_dtype = state_dtype
         self.foreach = foreach
         self._count = 0  # samples collected since the last step
+        self._count_out = 0  # anchor-sample passes collected (IVON-PoCo)
         self._acc: dict[int, dict[str, list[Tensor]]] = {}  # per group: params, grad, stat
         self._ws: dict[int, dict[str, Any]] = {}  # reusable buffers (noise, saved means)
         self._active = False  # a sampled_params context is open
@@ -408,23 +409,32 @@ class IVON(Optimizer):
         if train:
             self._collect(draw)
 
-    def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]], alias: bool = False) -> None:
+    def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]], alias: bool = False,
+                 out: bool = False) -> None:
         """Fold the gradients of one sample into Welford means (eq. 6, §2.1 item 4).
 
         ``alias`` (``step(closure)`` with one sample, fast path, no ``sync``): nothing can touch
         ``p.grad`` before the update, which only reads ĝ, so ĝ is the gradients themselves
-        (one memory pass saved; ``p.grad`` is left as the closure made it)."""
-        if self._count and set(self._acc) != {gi for gi, _, _ in draw}:
-            self._reset_samples()
-            raise SamplingError("the trainable parameters changed between MC samples of one step")
-        self._count += 1
-        k = self._count
+        (one memory pass saved; ``p.grad`` is left as the closure made it).  ``out`` collects an
+        anchor-sample pass of IVON-PoCo into separate means (``grad_out``, ``stat_out``)."""
+        if out:
+            self._count_out += 1
+            k, gk, sk = self._count_out, "grad_out", "stat_out"
+        else:
+            if self._count and set(self._acc) != {gi for gi, _, _ in draw}:
+                self._reset_samples()
+                raise SamplingError("the trainable parameters changed between MC samples of one step")
+            self._count += 1
+            k, gk, sk = self._count, "grad", "stat"
         for gi, params, noise in draw:
             ws = self._ws[gi]
-            if k > 1 and self._acc[gi] is not ws:
-                self._reset_samples()
-                raise SamplingError(f"the trainable parameters of group {gi} changed between MC samples of one step")
-            self._acc[gi] = ws
+            if not out:
+                if k > 1 and self._acc[gi] is not ws:
+                    self._reset_samples()
+                    raise SamplingError(f"the trainable parameters of group {gi} changed between MC samples")
+                self._acc[gi] = ws
+            elif gk not in ws:
+                ws[gk], ws[sk] = [torch.empty_like(t) for t in ws["grad"]], [torch.empty_like(t) for t in ws["stat"]]
             grads = []
             for i, p in enumerate(params):
                 g = p.grad
@@ -434,8 +444,9 @@ class IVON(Optimizer):
                     g = ws["s1"][i].copy_(g.to_dense() if g.layout != torch.strided else g)
                 grads.append(g)
             price = self.param_groups[gi]["hess_approx"] == "price"
-            ws["ghat"] = grads if alias else ws["grad"]
-            for acc, gs, s2, st_, nz, fe in self._parts(ws, ws["grad"], grads, ws["s2"], ws["stat"], noise):
+            if not out:
+                ws["ghat"] = grads if alias else ws["grad"]
+            for acc, gs, s2, st_, nz, fe in self._parts(ws, ws[gk], grads, ws["s2"], ws[sk], noise):
                 if not alias:
                     welford_(acc, gs, k, scratch=s2, foreach=fe)
                 x = st_ if k == 1 else s2
@@ -447,6 +458,7 @@ class IVON(Optimizer):
         for ws in self._acc.values():
             ws["ghat"] = None  # drop references to aliased gradients
         self._count = 0
+        self._count_out = 0
         self._acc = {}
 
     def _names(self, params: list[Tensor]) -> list[str]:
@@ -473,16 +485,7 @@ class IVON(Optimizer):
         if closure is not None:
             try:
                 for _ in range(self.mc_samples):
-                    draw, ctx = self._sample_context("IVON.step")
-                    with ctx:
-                        self._closure_owned = True
-                        try:
-                            with torch.enable_grad():
-                                loss = closure()
-                        finally:
-                            self._closure_owned = False
-                    self._collect(draw, alias=self.mc_samples == 1 and not self.parity and not self.sync)
-                    losses.append(torch.as_tensor(loss).detach())
+                    losses.append(self._closure_sample(closure))
             except BaseException:
                 self._reset_samples()
                 raise
@@ -503,10 +506,34 @@ class IVON(Optimizer):
             return None
         return sum(losses[1:], losses[0]) / len(losses)
 
+    def _run_closure(self, closure: Callable[[], Tensor], ctx: Any) -> Tensor:
+        """Evaluate ``closure`` inside a sampling context it may not re-enter (§2.2: it owns it)."""
+        with ctx:
+            self._closure_owned = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._closure_owned = False
+        return torch.as_tensor(loss).detach()
+
+    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One MC sample of ``step(closure)``: draw, evaluate, collect; returns the loss."""
+        draw, ctx = self._sample_context("IVON.step")
+        loss = self._run_closure(closure, ctx)
+        self._collect(draw, alias=self.mc_samples == 1 and not self.parity and not self.sync)
+        return loss
+
+    def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:
+        """Hook for posterior correction (IVON-PoCo, eq. 22): may rewrite ``ws["ghat"]`` and
+        ``ws["stat"]`` in place; returns whether ``stat`` still holds the Price statistic.
+        Plain IVON leaves the statistics as collected."""
+        return price
+
     def _check_finite(self, losses: list[Tensor]) -> None:
         """One reduction per tensor and one host sync; the slow path names the culprit."""
         # n⊙g (or g²) is non-finite whenever g is (n is finite and nonzero): one sum per tensor
-        tensors = [t for acc in self._acc.values() for t in acc["stat"]]
+        tensors = [t for acc in self._acc.values() for t in acc["stat"] + (acc["stat_out"] if self._count_out else [])]
         dev = tensors[0].device if tensors else losses[0].device
         sums = [t.sum().to(dev, torch.float32) for t in tensors]
         flags = torch.stack(sums + [loss.float().to(dev).reshape(()) for loss in losses])
@@ -572,6 +599,7 @@ class IVON(Optimizer):
                     scale = ess if group["gradsq_scale"] == "ess" else 1.0
                     for stat, fe in self._parts(ws, ws["stat"]):
                         gradsq_hessian_(stat, scale / math.sqrt(ess), foreach=fe)
+            price = self._correct(gi, group, ws, hess, price)
             lr = group["lr"]
             eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
             # parameters are bucketed by kernel and by step count t (t differs only for

@@ -36,10 +36,11 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
+from ..functional import poco_correct_
 from ..posterior import perturbation
 from .rng import capture_rng, restore_rng
 
-__all__ = ["Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "alpha_at", "batch_size_of"]
+__all__ = ["Anchor", "CorrectionSchedule", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "alpha_at", "batch_size_of"]
 
 ALPHA_SCHEDULES = ("constant", "linear")
 ANCHOR_NOISE = ("shared", "independent")
@@ -89,6 +90,8 @@ class Anchor:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.mean: Optional[list[Tensor]] = None
         self.grad: Optional[list[Tensor]] = None
+        self.hess: Optional[list[Tensor]] = None
+        self.extra: dict[str, Any] = {}
         self.sigma = 0.0
         self.refreshes = 0  # k: refreshes done
         self.step = -1  # learner step t at the last refresh
@@ -115,7 +118,11 @@ class Anchor:
         loss_fn: Callable[[Any], Tensor],
         data: Iterable[Any],
         *,
-        sigma: float = 0.0,
+        scale: Union[float, list[Tensor], None] = 0.0,
+        hessian: bool = False,
+        refresh_mc: int = 1,
+        extra: Optional[dict[str, Any]] = None,
+        means: Optional[list[Tensor]] = None,
         names: Optional[list[str]] = None,
         model: Optional[nn.Module] = None,
         batch_size: Optional[Callable[[Any], int]] = None,
@@ -123,49 +130,75 @@ class Anchor:
         progress: bool = True,
         step: int = 0,
     ) -> int:
-        r"""Snapshot :math:`m_{out}` and compute :math:`\bar g_{out}` over ``data`` (eq. 21, gradient part).
+        r"""Snapshot :math:`m_{out}` and compute :math:`\bar g_{out}` (and :math:`\bar h_{out}`) over ``data`` (eq. 21).
 
-        Each chunk ``C`` is evaluated at :math:`\theta'=m_{out}+\sigma z'` (:math:`z'` from the anchor
-        generator; exactly :math:`m_{out}` for σ=0) and folded into a Welford mean weighted by
-        :math:`|C|`, so the result is the exact example mean even with a short last chunk.  The
-        global RNG is saved and restored (the refresh is RNG-neutral); with ``model`` its
+        ``scale`` is the anchor's spread :math:`\sigma_{out}`: a float (isotropic), one tensor per
+        parameter (diagonal), or 0/``None`` (delta method: exactly :math:`m_{out}`).  Each chunk
+        ``C`` is evaluated ``refresh_mc`` times at :math:`\theta'=m_{out}+\sigma_{out}\odot z'`
+        (:math:`z'` from the anchor generator); with ``hessian`` the Price estimate
+        :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  Chunks are folded into
+        Welford means weighted by :math:`|C|`, so the result is the exact example mean even with a
+        short last chunk.  The global RNG is saved and restored (RNG-neutral); with ``model`` its
         buffers (BatchNorm running statistics) are restored too.  Nothing is published unless the
-        pass completes with finite statistics.  Returns the number of chunks (forward/backward
-        passes).
+        pass completes with finite statistics; then the mean, statistics and ``extra`` (the
+        family's snapshot, e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together.
+        ``means`` overrides the snapshot source (fp32 master weights of low-precision parameters).
+        Returns the number of forward/backward passes.
         """
         params = self.params
         names = names or [f"params[{i}]" for i in range(len(params))]
         size_of = batch_size or batch_size_of
-        m_out = [self._buf(p) for p in params]
+        if isinstance(scale, (int, float)) or scale is None:
+            scales: Optional[list[Any]] = None if not scale else [float(scale)] * len(params)
+        else:
+            scales = list(scale)
+        if hessian and scales is None:
+            raise ValueError("the Price Hessian needs a positive anchor spread (scale)")
+        m_out = [self._buf(m) for m in (means if means is not None else params)]
         g_bar = [torch.zeros_like(m) for m in m_out]
+        h_bar = [torch.zeros_like(m) for m in m_out] if hessian else None
         buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
         rng = capture_rng()
-        seen, chunks = 0, 0
+        seen, passes = 0, 0
         try:
             for batch in tqdm(data, desc="anchor refresh", disable=not progress, leave=False, dynamic_ncols=True):
                 n = int(size_of(batch))
                 if n <= 0:
                     continue
-                z = self.noise(params, None, sigma)
+                g_chunk = [torch.zeros_like(m) for m in m_out]
+                h_chunk = [torch.zeros_like(m) for m in m_out] if hessian else None
+                for _ in range(refresh_mc):
+                    z = None if scales is None else [
+                        torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
+                        for p, m in zip(params, m_out)]
 
-                def write(z: Optional[list[Tensor]] = z) -> None:
-                    for p, m, zi in zip(params, m_out, z or [None] * len(params)):
-                        p.copy_(m if zi is None else m.to(p.device) + sigma * zi)
+                    def write(z: Optional[list[Tensor]] = z) -> None:
+                        for i, (p, m) in enumerate(zip(params, m_out)):
+                            p.copy_(m if z is None else torch.addcmul(m, z[i], torch.as_tensor(scales[i]).to(m)))
 
-                with perturbation(params, names, "Anchor.refresh", write):
-                    with torch.enable_grad():
-                        loss = loss_fn(batch)
-                        if not bool(torch.isfinite(loss.detach()).all()):
-                            raise NonFiniteError(f"anchor refresh: non-finite loss on chunk {chunks}; "
-                                                 "the anchor was not changed")
-                        grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    with perturbation(params, names, "Anchor.refresh", write):
+                        with torch.enable_grad():
+                            loss = loss_fn(batch)
+                            if not bool(torch.isfinite(loss.detach()).all()):
+                                raise NonFiniteError(f"anchor refresh: non-finite loss on pass {passes}; "
+                                                     "the anchor was not changed")
+                            grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    passes += 1
+                    for i, g in enumerate(grads):
+                        if g is None:
+                            continue
+                        g = g.to(m_out[i].device, m_out[i].dtype)
+                        g_chunk[i].add_(g, alpha=1.0 / refresh_mc)
+                        if h_chunk is not None:
+                            assert z is not None
+                            h_chunk[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / refresh_mc)
                 seen += n
-                chunks += 1
-                for acc, g in zip(g_bar, grads):
-                    if g is not None:  # Welford weighted by |C|: ḡ += (n/N)(g - ḡ)
-                        acc.add_(g.to(acc.device, acc.dtype).sub(acc), alpha=n / seen)
-                    else:
-                        acc.mul_(1.0 - n / seen)
+                w = n / seen  # Welford weighted by |C|: x̄ += (n/N)(x_C - x̄)
+                for acc, x in zip(g_bar, g_chunk):
+                    acc.add_(x.sub_(acc), alpha=w)
+                if h_bar is not None and h_chunk is not None:
+                    for acc, x in zip(h_bar, h_chunk):
+                        acc.add_(x.sub_(acc), alpha=w)
                 if max_examples is not None and seen >= max_examples:
                     break
         finally:
@@ -173,35 +206,36 @@ class Anchor:
             if model is not None:
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
-        if chunks == 0:
+        if passes == 0:
             raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
-        bad = [n for n, g in zip(names, g_bar) if not bool(torch.isfinite(g).all())]
-        if bad:
-            raise NonFiniteError(f"anchor refresh: non-finite mean gradient for {bad[0]!r}; the anchor was not changed")
+        for label, stats in (("gradient", g_bar), ("Hessian", h_bar or [])):
+            bad = [nm for nm, x in zip(names, stats) if not bool(torch.isfinite(x).all())]
+            if bad:
+                raise NonFiniteError(f"anchor refresh: non-finite mean {label} for {bad[0]!r}; "
+                                     "the anchor was not changed")
         # publish atomically
-        self.mean, self.grad, self.sigma = m_out, g_bar, float(sigma)
+        self.mean, self.grad, self.hess = m_out, g_bar, h_bar
+        self.sigma = float(scale) if isinstance(scale, (int, float)) else 0.0
+        self.extra = dict(extra or {})
         self.refreshes += 1
         self.step = int(step)
         self.examples = seen
-        return chunks
+        return passes
 
     def correct_(self, g_in: list[Tensor], g_out: list[Tensor], alpha: float) -> list[Tensor]:
-        r"""Eq. (22) in place on ``g_in``: :math:`\tilde g=(\hat g_{in}-\alpha\hat g_{out})+\alpha\bar g_{out}`."""
+        r"""Eq. (22) for the gradient, in place on ``g_in`` (see :func:`vbpc.functional.poco_correct_`)."""
         if self.grad is None:
             raise SamplingError("no anchor: call refresh(loss_fn, data) before a corrected step")
-        for gi, go, gb in zip(g_in, g_out, self.grad):
-            gb = gb.to(gi.device)
-            if alpha == 1.0:
-                gi.sub_(go).add_(gb)
-            else:  # exactly this association (eq. 22)
-                gi.sub_(go.mul(alpha)).add_(gb.mul(alpha))
-        return g_in
+        return poco_correct_(g_in, g_out, self.grad, alpha)
 
     # ----------------------------------------------------------------- serialization
     def state_dict(self) -> dict[str, Any]:
         return {
             "mean": None if self.mean is None else [t.clone() for t in self.mean],
             "grad": None if self.grad is None else [t.clone() for t in self.grad],
+            "hess": None if self.hess is None else [t.clone() for t in self.hess],
+            "extra": {k: ([t.clone() for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
+                      for k, v in self.extra.items()},
             "sigma": self.sigma, "refreshes": self.refreshes, "step": self.step, "examples": self.examples,
             "generator": self.generator.get_state(),
         }
@@ -210,8 +244,8 @@ class Anchor:
         for key in ("mean", "grad", "sigma", "refreshes", "step", "generator"):
             if key not in state:
                 raise StateDictMismatchError(f"anchor state lacks {key!r}")
-        for key in ("mean", "grad"):
-            saved = state[key]
+        for key in ("mean", "grad", "hess"):
+            saved = state.get(key)
             if saved is None:
                 continue
             if len(saved) != len(self.params):
@@ -225,6 +259,9 @@ class Anchor:
                                                         zip(state["mean"], self.params)]
         self.grad = None if state["grad"] is None else [self._buf(t.to(p.device)) for t, p in
                                                         zip(state["grad"], self.params)]
+        self.hess = None if state.get("hess") is None else [self._buf(t.to(p.device)) for t, p in
+                                                            zip(state["hess"], self.params)]
+        self.extra = dict(state.get("extra", {}))
         self.sigma = float(state["sigma"])
         self.refreshes = int(state["refreshes"])
         self.step = int(state["step"])
@@ -232,7 +269,70 @@ class Anchor:
         self.generator.set_state(state["generator"])
 
 
-class VSGDPoCo(Optimizer):
+class CorrectionSchedule:
+    """When the anchor is refreshed and how strongly it corrects (ALGORITHMS.md §6.2), shared by
+    every corrected learner: α (constant or linear), period T, warm-up :math:`t_w`, the step
+    counter ``t`` and the :class:`Anchor`."""
+
+    alpha0: float
+    alpha_schedule: str
+    total_steps: Optional[int]
+    anchor_period: Optional[int]
+    warmup_steps: int
+    t: int
+    anchor: Anchor
+
+    def _init_schedule(self, alpha: float, alpha_schedule: str, total_steps: Optional[int],
+                       anchor_period: Optional[int], warmup_steps: int) -> None:
+        checks = [
+            ("alpha", alpha, 0.0 <= alpha <= 1.0),
+            ("alpha_schedule", alpha_schedule, alpha_schedule in ALPHA_SCHEDULES),
+            ("warmup_steps", warmup_steps, isinstance(warmup_steps, int) and warmup_steps >= 0),
+            ("anchor_period", anchor_period,
+             anchor_period is None or (isinstance(anchor_period, int) and anchor_period >= 1)),
+            ("total_steps", total_steps, total_steps is None or (isinstance(total_steps, int) and total_steps >= 1)),
+        ]
+        for name, value, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={value!r}")
+        if alpha > 0 and anchor_period is None:
+            raise ValueError("alpha > 0 needs anchor_period (steps between anchor refreshes)")
+        if alpha_schedule == "linear" and total_steps is None:
+            raise ValueError("alpha_schedule='linear' needs total_steps")
+        self.alpha0 = float(alpha)
+        self.alpha_schedule = alpha_schedule
+        self.total_steps = total_steps
+        self.anchor_period = anchor_period
+        self.warmup_steps = warmup_steps
+        self.t = 0
+
+    @property
+    def n_intervals(self) -> Optional[int]:
+        """K, the number of anchor intervals of the run (needs ``total_steps``)."""
+        if self.total_steps is None or self.anchor_period is None:
+            return None
+        return max(1, math.ceil((self.total_steps - self.warmup_steps) / self.anchor_period))
+
+    @property
+    def alpha(self) -> float:
+        r""":math:`\alpha_t` for the next step (0 during warm-up and before the first refresh)."""
+        if not self.anchor.ready or self.t < self.warmup_steps or self.alpha0 == 0.0:
+            return 0.0
+        return alpha_at(self.alpha0, self.alpha_schedule, self.anchor.refreshes - 1, self.n_intervals)
+
+    @property
+    def refresh_due(self) -> bool:
+        """True at :math:`t=t_w, t_w+T, \\dots` until ``refresh`` has run for this step."""
+        if self.anchor_period is None or self.t < self.warmup_steps or self.anchor.step == self.t:
+            return False
+        return (self.t - self.warmup_steps) % self.anchor_period == 0
+
+    def _check_refresh(self) -> None:
+        if self.refresh_due:
+            raise SamplingError(f"an anchor refresh is due at step {self.t}: call opt.refresh(loss_fn, data) first")
+
+
+class VSGDPoCo(CorrectionSchedule, Optimizer):
     r"""Variational SGD over an isotropic Gaussian with fixed σ, with posterior correction (§5, eq. 20).
 
     .. math::
@@ -279,35 +379,20 @@ class VSGDPoCo(Optimizer):
         checks = [
             ("lr", lr, lr >= 0), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
             ("weight_decay", weight_decay, weight_decay >= 0), ("momentum", momentum, 0 <= momentum < 1),
-            ("alpha", alpha, 0.0 <= alpha <= 1.0),
-            ("alpha_schedule", alpha_schedule, alpha_schedule in ALPHA_SCHEDULES),
             ("anchor_noise", anchor_noise, anchor_noise in ANCHOR_NOISE),
-            ("warmup_steps", warmup_steps, isinstance(warmup_steps, int) and warmup_steps >= 0),
-            ("anchor_period", anchor_period,
-             anchor_period is None or (isinstance(anchor_period, int) and anchor_period >= 1)),
-            ("total_steps", total_steps, total_steps is None or (isinstance(total_steps, int) and total_steps >= 1)),
             ("megabatch_size", megabatch_size, megabatch_size is None or megabatch_size >= 1),
         ]
         for name, value, ok in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={value!r}")
-        if alpha > 0 and anchor_period is None:
-            raise ValueError("alpha > 0 needs anchor_period (steps between anchor refreshes)")
-        if alpha_schedule == "linear" and total_steps is None:
-            raise ValueError("alpha_schedule='linear' needs total_steps")
+        self._init_schedule(alpha, alpha_schedule, total_steps, anchor_period, warmup_steps)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.sigma = float(sigma)
-        self.alpha0 = float(alpha)
-        self.alpha_schedule = alpha_schedule
-        self.total_steps = total_steps
-        self.anchor_period = anchor_period
-        self.warmup_steps = warmup_steps
         self.anchor_noise = anchor_noise
         self.megabatch_size = megabatch_size
         self.force_anchor_pass = bool(force_anchor_pass)
         self.track_stats = bool(track_stats)
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
-        self.t = 0  # completed steps
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
         self.anchor = Anchor(self._params(), seed=anchor_seed, device=anchor_device)
 
@@ -317,28 +402,6 @@ class VSGDPoCo(Optimizer):
     def _names(self) -> list[str]:
         return [f"params[{i}]" for i in range(len(self._params()))]
 
-    # ------------------------------------------------------------------ schedule
-    @property
-    def n_intervals(self) -> Optional[int]:
-        """K, the number of anchor intervals of the run (needs ``total_steps``)."""
-        if self.total_steps is None or self.anchor_period is None:
-            return None
-        return max(1, math.ceil((self.total_steps - self.warmup_steps) / self.anchor_period))
-
-    @property
-    def alpha(self) -> float:
-        r""":math:`\alpha_t` for the next step (0 during warm-up and before the first refresh)."""
-        if not self.anchor.ready or self.t < self.warmup_steps or self.alpha0 == 0.0:
-            return 0.0
-        return alpha_at(self.alpha0, self.alpha_schedule, self.anchor.refreshes - 1, self.n_intervals)
-
-    @property
-    def refresh_due(self) -> bool:
-        """True at :math:`t=t_w, t_w+T, \\dots` until :meth:`refresh` has run for this step."""
-        if self.anchor_period is None or self.t < self.warmup_steps or self.anchor.step == self.t:
-            return False
-        return (self.t - self.warmup_steps) % self.anchor_period == 0
-
     def refresh(
         self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module] = None,
         batch_size: Optional[Callable[[Any], int]] = None, progress: bool = True,
@@ -347,7 +410,7 @@ class VSGDPoCo(Optimizer):
 
         ``loss_fn(batch)`` returns the mean loss of ``batch`` computed with the model.  Pass
         ``model`` to keep its buffers (BatchNorm statistics) untouched by the refresh."""
-        chunks = self.anchor.refresh(loss_fn, data, sigma=self.sigma, names=self._names(), model=model,
+        chunks = self.anchor.refresh(loss_fn, data, scale=self.sigma, names=self._names(), model=model,
                                      batch_size=batch_size, max_examples=self.megabatch_size,
                                      progress=progress, step=self.t)
         self.counters["refresh_passes"] += chunks
@@ -365,8 +428,7 @@ class VSGDPoCo(Optimizer):
         evaluations, i.e. examples × passes (2 per corrected step, 1 otherwise; §6.4)."""
         if closure is None:
             raise SamplingError("VSGDPoCo.step needs a closure (it evaluates the same batch twice)")
-        if self.refresh_due:
-            raise SamplingError(f"an anchor refresh is due at step {self.t}: call opt.refresh(loss_fn, data) first")
+        self._check_refresh()
         params, names = self._params(), self._names()
         alpha = self.alpha
         sigma = self.sigma

@@ -1,0 +1,294 @@
+r"""IVON-PoCo and IVON-PoCoMo: IVON with gradient and diagonal-Hessian posterior correction
+(ALGORITHMS.md §6).
+
+The learner is :class:`vbpc.IVON` plus the correction of :mod:`vbpc.inference.poco`:
+
+.. math::
+    \text{refresh: } & m_{out}\leftarrow m,\ h_{out}\leftarrow h,\ (\lambda_{out},\delta_{out}),\
+        \bar g_{out},\bar h_{out}=\text{chunk-weighted means at } m_{out}+\sigma_{out}\odot z' \hfill (21)\\
+    \text{step, per sample } s: & \theta_s=m+\sigma\odot z_s\to\hat g_{in},\ \hat h_{in};\quad
+        \theta^{out}_s=m_{out}+\sigma_{out}\odot z^{out}_s\to\hat g_{out},\ \hat h_{out}\\
+    & \tilde g=(\hat g_{in}-\alpha_t\hat g_{out})+\alpha_t\bar g_{out},\quad
+      \tilde h=(\hat h_{in}-\alpha_t\hat h_{out})+\alpha_t\bar h_{out} \hfill (22)\\
+    & [\texttt{proximal}]\ \tilde g \mathrel{+}= \alpha_t(\bar h_{out}-\hat h_{out})\odot(m-m_{out}) \hfill (23)\\
+    & \text{IVON (7)-(10) with } \hat g\to\tilde g,\ \hat h\to\tilde h.
+
+Both passes of a sample use the same batch (the closure) and the same replayed global RNG
+(§6.3); with ``anchor_noise="shared"`` (default) :math:`z^{out}_s=z_s`.  At :math:`\alpha_t=0`
+(warm-up, the last linear interval) the anchor pass is skipped and the step is IVON's, bit
+for bit (§4 P3).  ``beta1=0`` is IVON-PoCo, ``beta1>0`` IVON-PoCoMo (:func:`IVONPoCoMo`).
+
+Cost: 2 forward/backward passes per sample plus ``refresh_mc``·|M| examples per refresh
+(eq. 24).  Memory: IVON's 3d state + :math:`m_{out},h_{out},\bar g_{out},\bar h_{out}` and the
+cached :math:`(h_{out}+\delta_{out})^{-1/2}` (5d; ``anchor_device="cpu"`` offloads them at the
+price of 2d host-device copies per step) + 2d transient accumulators.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
+from ..functional import ivon_rsqrt_, perturb_, poco_correct_
+from ..posterior import perturbation
+from .ivon import IVON
+from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
+from .rng import capture_rng, restore_rng
+
+__all__ = ["IVONPoCo", "IVONPoCoMo"]
+
+
+class IVONPoCo(CorrectionSchedule, IVON):
+    r"""IVON with posterior correction (ALGORITHMS.md §6; options and defaults of §6.2).
+
+    Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus
+    ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),
+    ``anchor_period`` T, ``warmup_steps``, ``megabatch_size``, ``refresh_mc`` (1),
+    ``anchor_noise`` (``"shared"`` | ``"independent"``), ``anchor_seed``, ``proximal`` (False),
+    ``force_anchor_pass`` (tests), ``anchor_device`` and ``track_stats`` (keep the last
+    :math:`\tilde g,\tilde h` and the in/out estimates, for tests and diagnostics).
+
+    Usage::
+
+        opt = vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=N, anchor_period=len(loader))
+        for x, y in loader:
+            if opt.refresh_due:
+                opt.refresh(lambda b: F.cross_entropy(model(b[0]), b[1]), megabatch, model=model)
+            opt.step(closure)   # closure closes over (x, y): the anchor pass sees the same batch
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.0,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        hess_approx: str = "price",
+        clip_radius: float = float("inf"),
+        sync: bool = False,
+        debias: bool = True,
+        rescale_lr: bool = True,
+        *,
+        alpha: float = 1.0,
+        alpha_schedule: str = "constant",
+        total_steps: Optional[int] = None,
+        anchor_period: Optional[int] = None,
+        warmup_steps: int = 0,
+        megabatch_size: Optional[int] = None,
+        refresh_mc: int = 1,
+        anchor_noise: str = "shared",
+        anchor_seed: int = 0,
+        proximal: bool = False,
+        force_anchor_pass: bool = False,
+        anchor_device: Optional[Union[str, torch.device]] = None,
+        track_stats: bool = False,
+        **ivon_kw: Any,
+    ):
+        if ivon_kw.get("parity"):
+            raise ValueError("parity=True is a contract with the reference IVON; IVON-PoCo has no reference")
+        if hess_approx != "price":
+            raise ValueError(f"invalid hess_approx={hess_approx!r}: IVON-PoCo corrects the Price Hessian only")
+        if anchor_noise not in ANCHOR_NOISE:
+            raise ValueError(f"invalid anchor_noise={anchor_noise!r}: one of {ANCHOR_NOISE}")
+        if not (isinstance(refresh_mc, int) and refresh_mc >= 1):
+            raise ValueError(f"invalid refresh_mc={refresh_mc!r}: an int >= 1")
+        if megabatch_size is not None and not megabatch_size >= 1:
+            raise ValueError(f"invalid megabatch_size={megabatch_size!r}")
+        self._init_schedule(alpha, alpha_schedule, total_steps, anchor_period, warmup_steps)
+        super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples, hess_approx,
+                         clip_radius, sync, debias, rescale_lr, **ivon_kw)
+        self.megabatch_size = megabatch_size
+        self.refresh_mc = refresh_mc
+        self.anchor_noise = anchor_noise
+        self.proximal = bool(proximal)
+        self.force_anchor_pass = bool(force_anchor_pass)
+        self.track_stats = bool(track_stats)
+        self.last_stats: Optional[dict[str, list[Tensor]]] = None
+        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
+        self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
+        self._alpha_now = 0.0
+        self._anchor_pass = False
+
+    def _anchor_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in self._trainable(g)]
+
+    def _offsets(self) -> dict[int, int]:
+        """Index of each group's first trainable parameter in the anchor's lists."""
+        out, off = {}, 0
+        for gi, g in enumerate(self.param_groups):
+            out[gi] = off
+            off += len(self._trainable(g))
+        return out
+
+    # ------------------------------------------------------------------ refresh
+    @torch.no_grad()
+    def refresh(
+        self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module] = None,
+        batch_size: Optional[Callable[[Any], int]] = None, progress: bool = True,
+    ) -> None:
+        r"""Refresh the anchor at the current posterior (eq. 21): :math:`m_{out}\leftarrow m`,
+        :math:`h_{out}\leftarrow h`, group :math:`(\lambda,\delta)`, and the mega-batch means
+        :math:`\bar g_{out},\bar h_{out}` (Price) at samples :math:`m_{out}+\sigma_{out}\odot z'`.
+
+        ``loss_fn(batch)`` returns the mean loss of a batch; ``data`` is any iterable of batches
+        (a DataLoader over the mega-batch); ``model`` keeps BatchNorm statistics untouched."""
+        if self._active or self._count:
+            raise SamplingError("IVONPoCo.refresh() while samples are pending: call step() first")
+        params = self._anchor_params()
+        if [id(p) for p in params] != [id(p) for p in self.anchor.params]:
+            self.anchor.params = params
+        h_out, rsqrt_out, scale, ess_l, wd_l = [], [], [], [], []
+        for g in self.param_groups:
+            for p in self._trainable(g):
+                st = self._state(p, g)
+                h = st["hess"].detach().clone()
+                hw, r = torch.empty_like(h), torch.empty_like(h)
+                ivon_rsqrt_([h], g["weight_decay"], [hw], [r], foreach=False)
+                h_out.append(h)
+                rsqrt_out.append(r)
+                scale.append(r / math.sqrt(g["ess"]))  # σ_out = (h_out+δ)^{-1/2}/√λ
+                ess_l.append(float(g["ess"]))
+                wd_l.append(float(g["weight_decay"]))
+        passes = self.anchor.refresh(
+            loss_fn, data, scale=scale, hessian=True, refresh_mc=self.refresh_mc,
+            extra={"hess": h_out, "rsqrt": rsqrt_out, "ess": ess_l, "weight_decay": wd_l},
+            means=[self.state[p].get("mean", p) for p in params],  # fp32 masters where they exist
+            names=self._names(params), model=model, batch_size=batch_size,
+            max_examples=self.megabatch_size, progress=progress, step=self.t)
+        self.counters["refresh_passes"] += passes
+        self.counters["refresh_examples"] += self.anchor.examples * self.refresh_mc
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
+             batch_size: Optional[int] = None) -> Optional[Tensor]:
+        """One corrected IVON step; ``closure`` is evaluated at the current and the anchor sample.
+
+        ``batch_size`` (optional) feeds ``counters["inner_examples"]`` (gradient evaluations)."""
+        if closure is None:
+            raise SamplingError("IVONPoCo.step needs a closure (it evaluates the same batch twice)")
+        self._check_refresh()
+        self._alpha_now = self.alpha
+        self._anchor_pass = self._alpha_now != 0.0 or (self.force_anchor_pass and self.anchor.ready)
+        loss = super().step(closure)
+        passes = self.mc_samples * (2 if self._anchor_pass else 1)
+        self.counters["inner_passes"] += passes
+        if batch_size is not None:
+            self.counters["inner_examples"] += passes * int(batch_size)
+        self.t += 1
+        return loss
+
+    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
+        if not self._anchor_pass:
+            return super()._closure_sample(closure)
+        draw, ctx = self._sample_context("IVONPoCo.step")
+        rng0 = capture_rng()
+        loss = self._run_closure(closure, ctx)
+        self._collect(draw)
+        rng1 = capture_rng()
+        restore_rng(rng0)
+        try:
+            out_draw, out_ctx = self._anchor_context(draw)
+            loss_out = self._run_closure(closure, out_ctx)
+        finally:
+            restore_rng(rng1)
+        if not bool(torch.isfinite(loss_out).all()):
+            raise NonFiniteError(f"the closure returned a non-finite loss ({loss_out.item()}) at the anchor "
+                                 "sample; the step was skipped and no state changed")
+        self._collect(out_draw, out=True)
+        return loss
+
+    def _anchor_context(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]):
+        """θ_out = m_out + σ_out ⊙ z_out written in place (the same kernel as the current sample)."""
+        assert self.anchor.mean is not None
+        offsets = self._offsets()
+        r_out = self.anchor.extra["rsqrt"]
+        ess_out = self.anchor.extra["ess"]
+        out_draw = []
+        for gi, params, z in draw:
+            if self.anchor_noise == "independent":
+                z = [torch.randn(p.shape, generator=self.anchor.generator, dtype=zi.dtype).to(zi.device)
+                     for p, zi in zip(params, z)]
+            out_draw.append((gi, params, z))
+        targets = [p for _, ps, _ in out_draw for p in ps]
+
+        def write() -> None:
+            for gi, params, z in out_draw:
+                o = offsets[gi]
+                for i, (p, zi) in enumerate(zip(params, z)):
+                    m_out = self.anchor.mean[o + i].to(p.device)
+                    if "mean" in self.state[p]:  # fp32 master: build θ_out in fp32, then cast
+                        v = m_out.clone()
+                        perturb_([v], [zi], [r_out[o + i].to(p.device)], ess_out[o + i], foreach=False)
+                        p.copy_(v)
+                    else:
+                        p.copy_(m_out)
+                        perturb_([p], [zi], [r_out[o + i].to(p.device)], ess_out[o + i], foreach=False)
+
+        return out_draw, perturbation(targets, lambda: self._names(targets), "IVONPoCo.step (anchor)", write)
+
+    # ------------------------------------------------------------------ correction hook
+    def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:
+        r"""Eqs. (22)-(23) on group ``gi``: rewrite ĝ and the statistic as :math:`\tilde g` and
+        :math:`\tilde h/\sqrt\lambda` (the fused kernel's non-Price input)."""
+        alpha = self._alpha_now
+        if not self._anchor_pass or alpha == 0.0:
+            if self.track_stats:
+                self.last_stats = None
+            return price
+        o = self._offsets()[gi]
+        n = len(ws["params"])
+        a = self.anchor
+        ess = float(group["ess"])
+        root = math.sqrt(ess)
+        g_bar = a.grad[o:o + n]  # type: ignore[index]
+        h_bar = a.hess[o:o + n]  # type: ignore[index]
+        r_out = a.extra["rsqrt"][o:o + n]
+        # ĥ = √λ · mean(z⊙g) / r  (fast-path Price statistic, eq. 5)
+        h_in = [s.mul(root).div_(r) for s, r in zip(ws["stat"], ws["rsqrt"])]
+        h_out = [s.mul(math.sqrt(e)).div_(r.to(s.device))
+                 for s, r, e in zip(ws["stat_out"], r_out, a.extra["ess"][o:o + n])]
+        g_in = ws["ghat"]
+        if self.track_stats:
+            snap = {"g_in": [t.clone() for t in g_in], "g_out": [t.clone() for t in ws["grad_out"]],
+                    "h_in": [t.clone() for t in h_in], "h_out": [t.clone() for t in h_out]}
+        if self.proximal:  # eq. (23), before the correction consumes ĥ_out: α(h̄ − ĥ_out)⊙(m − m_out)
+            for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], a.mean[o:o + n]):  # type: ignore[index]
+                mean = self.state[p].get("mean", p)
+                gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
+        poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
+        poco_correct_(h_in, h_out, h_bar, alpha)
+        if self.track_stats:
+            self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]}
+        for s, h in zip(ws["stat"], h_in):  # the kernel's gradsq-style input: h̃/√λ
+            torch.div(h, root, out=s)
+        return False
+
+    # ------------------------------------------------------------------ serialization
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["vbpc"].update(poco={"t": self.t, "counters": dict(self.counters), "anchor": self.anchor.state_dict()})
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("vbpc", {}).get("poco")
+        if extra is None:
+            raise StateDictMismatchError("not an IVON-PoCo state dict (no 'vbpc.poco' section)")
+        probe = Anchor(self._anchor_params())
+        probe.load_state_dict(extra["anchor"])  # validates shapes before anything changes
+        super().load_state_dict(state_dict)
+        self.anchor.load_state_dict(extra["anchor"])
+        self.t = int(extra["t"])
+        self.counters = dict(extra["counters"])
+
+
+def IVONPoCoMo(params: Iterable[Any], lr: float, ess: float, beta1: float = 0.9, **kw: Any) -> IVONPoCo:
+    """IVON-PoCoMo: :class:`IVONPoCo` with momentum (``beta1 = 0.9`` by default, §6.2)."""
+    return IVONPoCo(params, lr, ess, beta1=beta1, **kw)
