@@ -5,6 +5,7 @@ from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
+from .inference.von import VON, VONPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
 from .version import __version__
@@ -17,6 +18,8 @@ __all__ = [
     "VSGD",
     "SVRG",
     "AlphaSVRG",
+    "VON",
+    "VONPoCo",
     "nn",
     "DiagonalGaussian",
     "IsotropicGaussian",

@@ -3,5 +3,6 @@
 from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
 from .poco import SVRG, VSGD, AlphaSVRG, Anchor, VSGDPoCo
+from .von import VON, VONPoCo
 
-__all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG"]
+__all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "VON", "VONPoCo"]

@@ -113,6 +113,72 @@ class Anchor:
         return [torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in like]
 
     @torch.no_grad()
+    def accumulate(
+        self,
+        evaluate: Callable[[Any], tuple[list[Tensor], Optional[list[Tensor]], int]],
+        data: Iterable[Any],
+        *,
+        names: list[str],
+        model: Optional[nn.Module] = None,
+        batch_size: Optional[Callable[[Any], int]] = None,
+        max_examples: Optional[int] = None,
+        progress: bool = True,
+    ) -> tuple[list[Tensor], Optional[list[Tensor]], int, int]:
+        r"""Chunk-size-weighted means of ``evaluate(batch) -> (grads, hessians or None, passes)`` over
+        ``data``: :math:`\bar x \mathrel{+}= (|C|/N)(x_C-\bar x)` (exact example means even with a
+        short last chunk).  RNG-neutral; with ``model`` its buffers (BatchNorm running statistics)
+        are restored.  Raises on an empty iterable or non-finite statistics.  Returns
+        ``(ḡ, h̄, passes, examples)`` without publishing anything."""
+        size_of = batch_size or batch_size_of
+        g_bar: Optional[list[Tensor]] = None
+        h_bar: Optional[list[Tensor]] = None
+        buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
+        rng = capture_rng()
+        seen, passes = 0, 0
+        try:
+            for batch in tqdm(data, desc="anchor refresh", disable=not progress, leave=False, dynamic_ncols=True):
+                n = int(size_of(batch))
+                if n <= 0:
+                    continue
+                g_c, h_c, k = evaluate(batch)
+                passes += k
+                seen += n
+                w = n / seen
+                if g_bar is None:
+                    g_bar = [torch.zeros_like(g) for g in g_c]
+                    h_bar = None if h_c is None else [torch.zeros_like(h) for h in h_c]
+                for acc, x in zip(g_bar, g_c):
+                    acc.add_(x.sub(acc), alpha=w)
+                if h_bar is not None and h_c is not None:
+                    for acc, x in zip(h_bar, h_c):
+                        acc.add_(x.sub(acc), alpha=w)
+                if max_examples is not None and seen >= max_examples:
+                    break
+        finally:
+            restore_rng(rng)
+            if model is not None:
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
+        if g_bar is None:
+            raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
+        for label, stats in (("gradient", g_bar), ("Hessian", h_bar or [])):
+            bad = [nm for nm, x in zip(names, stats) if not bool(torch.isfinite(x).all())]
+            if bad:
+                raise NonFiniteError(f"anchor refresh: non-finite mean {label} for {bad[0]!r}; "
+                                     "the anchor was not changed")
+        return g_bar, h_bar, passes, seen
+
+    def publish(self, mean: list[Tensor], grad: list[Tensor], hess: Optional[list[Tensor]], *,
+                extra: Optional[dict[str, Any]] = None, sigma: float = 0.0, step: int = 0, examples: int = 0) -> None:
+        """Swap in a complete new anchor at once (refreshes are atomic)."""
+        self.mean, self.grad, self.hess = mean, grad, hess
+        self.extra = dict(extra or {})
+        self.sigma = float(sigma)
+        self.refreshes += 1
+        self.step = int(step)
+        self.examples = int(examples)
+
+    @torch.no_grad()
     def refresh(
         self,
         loss_fn: Callable[[Any], Tensor],
@@ -130,24 +196,21 @@ class Anchor:
         progress: bool = True,
         step: int = 0,
     ) -> int:
-        r"""Snapshot :math:`m_{out}` and compute :math:`\bar g_{out}` (and :math:`\bar h_{out}`) over ``data`` (eq. 21).
+        r"""Refresh for the isotropic and diagonal families (eq. 21): snapshot :math:`m_{out}` and
+        compute :math:`\bar g_{out}` (and the Price :math:`\bar h_{out}`) over ``data``.
 
         ``scale`` is the anchor's spread :math:`\sigma_{out}`: a float (isotropic), one tensor per
-        parameter (diagonal), or 0/``None`` (delta method: exactly :math:`m_{out}`).  Each chunk
-        ``C`` is evaluated ``refresh_mc`` times at :math:`\theta'=m_{out}+\sigma_{out}\odot z'`
-        (:math:`z'` from the anchor generator); with ``hessian`` the Price estimate
-        :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  Chunks are folded into
-        Welford means weighted by :math:`|C|`, so the result is the exact example mean even with a
-        short last chunk.  The global RNG is saved and restored (RNG-neutral); with ``model`` its
-        buffers (BatchNorm running statistics) are restored too.  Nothing is published unless the
-        pass completes with finite statistics; then the mean, statistics and ``extra`` (the
-        family's snapshot, e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together.
-        ``means`` overrides the snapshot source (fp32 master weights of low-precision parameters).
+        parameter (diagonal), or 0/``None`` (delta method: exactly :math:`m_{out}`).  Each chunk is
+        evaluated ``refresh_mc`` times at :math:`\theta'=m_{out}+\sigma_{out}\odot z'` (:math:`z'`
+        from the anchor generator); with ``hessian`` the Price estimate
+        :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  ``means`` overrides
+        the snapshot source (fp32 master weights).  Nothing is published unless the pass completes
+        with finite statistics; then the mean, the statistics and ``extra`` (the family's snapshot,
+        e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together (:meth:`publish`).
         Returns the number of forward/backward passes.
         """
         params = self.params
         names = names or [f"params[{i}]" for i in range(len(params))]
-        size_of = batch_size or batch_size_of
         if isinstance(scale, (int, float)) or scale is None:
             scales: Optional[list[Any]] = None if not scale else [float(scale)] * len(params)
         else:
@@ -155,71 +218,39 @@ class Anchor:
         if hessian and scales is None:
             raise ValueError("the Price Hessian needs a positive anchor spread (scale)")
         m_out = [self._buf(m) for m in (means if means is not None else params)]
-        g_bar = [torch.zeros_like(m) for m in m_out]
-        h_bar = [torch.zeros_like(m) for m in m_out] if hessian else None
-        buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
-        rng = capture_rng()
-        seen, passes = 0, 0
-        try:
-            for batch in tqdm(data, desc="anchor refresh", disable=not progress, leave=False, dynamic_ncols=True):
-                n = int(size_of(batch))
-                if n <= 0:
-                    continue
-                g_chunk = [torch.zeros_like(m) for m in m_out]
-                h_chunk = [torch.zeros_like(m) for m in m_out] if hessian else None
-                for _ in range(refresh_mc):
-                    z = None if scales is None else [
-                        torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
-                        for p, m in zip(params, m_out)]
 
-                    def write(z: Optional[list[Tensor]] = z) -> None:
-                        for i, (p, m) in enumerate(zip(params, m_out)):
-                            p.copy_(m if z is None else torch.addcmul(m, z[i], torch.as_tensor(scales[i]).to(m)))
+        def evaluate(batch: Any) -> tuple[list[Tensor], Optional[list[Tensor]], int]:
+            g_c = [torch.zeros_like(m) for m in m_out]
+            h_c = [torch.zeros_like(m) for m in m_out] if hessian else None
+            for _ in range(refresh_mc):
+                z = None if scales is None else [
+                    torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
+                    for p, m in zip(params, m_out)]
 
-                    with perturbation(params, names, "Anchor.refresh", write):
-                        with torch.enable_grad():
-                            loss = loss_fn(batch)
-                            if not bool(torch.isfinite(loss.detach()).all()):
-                                raise NonFiniteError(f"anchor refresh: non-finite loss on pass {passes}; "
-                                                     "the anchor was not changed")
-                            grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    passes += 1
-                    for i, g in enumerate(grads):
-                        if g is None:
-                            continue
-                        g = g.to(m_out[i].device, m_out[i].dtype)
-                        g_chunk[i].add_(g, alpha=1.0 / refresh_mc)
-                        if h_chunk is not None:
-                            assert z is not None
-                            h_chunk[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / refresh_mc)
-                seen += n
-                w = n / seen  # Welford weighted by |C|: x̄ += (n/N)(x_C - x̄)
-                for acc, x in zip(g_bar, g_chunk):
-                    acc.add_(x.sub_(acc), alpha=w)
-                if h_bar is not None and h_chunk is not None:
-                    for acc, x in zip(h_bar, h_chunk):
-                        acc.add_(x.sub_(acc), alpha=w)
-                if max_examples is not None and seen >= max_examples:
-                    break
-        finally:
-            restore_rng(rng)
-            if model is not None:
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-        if passes == 0:
-            raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
-        for label, stats in (("gradient", g_bar), ("Hessian", h_bar or [])):
-            bad = [nm for nm, x in zip(names, stats) if not bool(torch.isfinite(x).all())]
-            if bad:
-                raise NonFiniteError(f"anchor refresh: non-finite mean {label} for {bad[0]!r}; "
-                                     "the anchor was not changed")
-        # publish atomically
-        self.mean, self.grad, self.hess = m_out, g_bar, h_bar
-        self.sigma = float(scale) if isinstance(scale, (int, float)) else 0.0
-        self.extra = dict(extra or {})
-        self.refreshes += 1
-        self.step = int(step)
-        self.examples = seen
+                def write(z: Optional[list[Tensor]] = z) -> None:
+                    for i, (p, m) in enumerate(zip(params, m_out)):
+                        p.copy_(m if z is None else torch.addcmul(m, z[i], torch.as_tensor(scales[i]).to(m)))
+
+                with perturbation(params, names, "Anchor.refresh", write):
+                    with torch.enable_grad():
+                        loss = loss_fn(batch)
+                        if not bool(torch.isfinite(loss.detach()).all()):
+                            raise NonFiniteError("anchor refresh: non-finite loss; the anchor was not changed")
+                        grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for i, g in enumerate(grads):
+                    if g is None:
+                        continue
+                    g = g.to(m_out[i].device, m_out[i].dtype)
+                    g_c[i].add_(g, alpha=1.0 / refresh_mc)
+                    if h_c is not None:
+                        assert z is not None
+                        h_c[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / refresh_mc)
+            return g_c, h_c, refresh_mc
+
+        g_bar, h_bar, passes, seen = self.accumulate(evaluate, data, names=names, model=model, batch_size=batch_size,
+                                                     max_examples=max_examples, progress=progress)
+        self.publish(m_out, g_bar, h_bar, extra=extra, step=step, examples=seen,
+                     sigma=float(scale) if isinstance(scale, (int, float)) else 0.0)
         return passes
 
     def correct_(self, g_in: list[Tensor], g_out: list[Tensor], alpha: float) -> list[Tensor]:
