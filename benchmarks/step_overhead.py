@@ -97,6 +97,17 @@ def runners(model: nn.Module, batch, loss_fn) -> dict[str, tuple[Callable[[], No
 
     out["vbpc"] = (vb_step, vb_opt_only)
 
+    poco = vbpc.IVONPoCo(params, lr=1e-4, ess=1e6, hess_init=1.0, beta1=0.9, alpha=0.75, anchor_period=10**9)
+    poco.refresh(lambda b: loss_fn(model, b), [batch], progress=False)  # the anchor pass is timed, the refresh not
+
+    def poco_closure():
+        poco.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss
+
+    out["ivon-poco"] = (lambda: poco.step(poco_closure), None)
+
     if ivon_ref is not None:
         ref = ivon_ref.IVON(params, lr=1e-4, ess=1e6, hess_init=1.0)
 
@@ -115,6 +126,48 @@ def runners(model: nn.Module, batch, loss_fn) -> dict[str, tuple[Callable[[], No
     return out
 
 
+def state_bytes_per_param(model: nn.Module, batch, loss_fn) -> dict[str, float]:
+    """Persistent optimizer-state bytes per parameter after one step (anchors included;
+    transient workspaces excluded), for each learner."""
+    import copy
+
+    def nbytes(obj) -> int:
+        if torch.is_tensor(obj):
+            return obj.numel() * obj.element_size() if obj.dim() else 0
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    out = {}
+    n = sum(p.numel() for p in model.parameters())
+    makers = {
+        "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+        "ivon": lambda ps: vbpc.IVON(ps, lr=1e-4, ess=1e6),
+        "ivon-poco (beta1=0)": lambda ps: vbpc.IVONPoCo(ps, lr=1e-4, ess=1e6, anchor_period=10**9),
+        "ivon-pocomo": lambda ps: vbpc.IVONPoCoMo(ps, lr=1e-4, ess=1e6, anchor_period=10**9),
+        "svrg": lambda ps: vbpc.SVRG(ps, lr=1e-4, anchor_period=10**9),
+    }
+    for name, make in makers.items():
+        m = copy.deepcopy(model)
+        opt = make(list(m.parameters()))
+        if hasattr(opt, "refresh"):
+            opt.refresh(lambda b: loss_fn(m, b), [batch], progress=False)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(m, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        total = nbytes(opt.state) + (nbytes(opt.anchor.state_dict()) if hasattr(opt, "anchor") else 0)
+        out[name] = total / n
+    return out
+
+
 def timed(fn: Callable[[], None], steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -130,7 +183,8 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
     loss_fn(model, batch).backward()
     for whole, only in run.values():  # warm-up
         whole()
-        only()
+        if only is not None:
+            only()
     whole_t = {k: [] for k in run}
     only_t = {k: [] for k in run}
     for r in range(rounds):
@@ -138,14 +192,17 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
         for k in order:
             whole_t[k].append(timed(run[k][0], steps))
         for k in order:
-            only_t[k].append(timed(run[k][1], steps * 4))
+            if run[k][1] is not None:
+                only_t[k].append(timed(run[k][1], steps * 4))
     res = {"model": name, "params": sum(p.numel() for p in model.parameters()), "rounds": rounds,
            "steps": steps, "whole_ms": {}, "opt_ms": {}}
     for k in run:
         res["whole_ms"][k] = {"median": 1e3 * statistics.median(whole_t[k]), "min": 1e3 * min(whole_t[k]),
                               "max": 1e3 * max(whole_t[k])}
-        res["opt_ms"][k] = {"median": 1e3 * statistics.median(only_t[k]), "min": 1e3 * min(only_t[k]),
-                            "max": 1e3 * max(only_t[k])}
+        if only_t[k]:
+            res["opt_ms"][k] = {"median": 1e3 * statistics.median(only_t[k]), "min": 1e3 * min(only_t[k]),
+                                "max": 1e3 * max(only_t[k])}
+    res["state_bytes_per_param"] = state_bytes_per_param(model, batch, loss_fn)
 
     def ratio(table, a, b):
         # median of per-round ratios (rounds are interleaved, so drift cancels)
@@ -157,6 +214,7 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
         "whole_ivon-opt/adamw": ratio(whole_t, "ivon-opt", "adamw"),
         "opt_vbpc/ivon-opt": ratio(only_t, "vbpc", "ivon-opt"),
         "opt_vbpc/adamw": ratio(only_t, "vbpc", "adamw"),
+        "whole_ivon-poco/vbpc": ratio(whole_t, "ivon-poco", "vbpc"),
     }
     return res
 
@@ -164,8 +222,8 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
 def to_markdown(results: list[dict]) -> str:
     lines = [
         "| model | params | whole step vbpc ÷ AdamW | whole step vbpc ÷ ivon-opt | ivon-opt ÷ AdamW | "
-        "opt step vbpc ÷ ivon-opt | opt step vbpc ÷ AdamW | vbpc whole step (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "opt step vbpc ÷ ivon-opt | opt step vbpc ÷ AdamW | IVON-PoCo ÷ IVON (whole step) | vbpc whole step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         q = r["ratios"]
@@ -175,7 +233,12 @@ def to_markdown(results: list[dict]) -> str:
 
         lines.append(f"| {r['model']} | {r['params']:,} | {f(q['whole_vbpc/adamw'])} | {f(q['whole_vbpc/ivon-opt'])} "
                      f"| {f(q['whole_ivon-opt/adamw'])} | {f(q['opt_vbpc/ivon-opt'])} | {f(q['opt_vbpc/adamw'])} "
-                     f"| {r['whole_ms']['vbpc']['median']:.1f} |")
+                     f"| {f(q['whole_ivon-poco/vbpc'])} | {r['whole_ms']['vbpc']['median']:.1f} |")
+    names = list(results[0]["state_bytes_per_param"]) if results else []
+    lines += ["", "Persistent optimizer state, bytes per parameter (fp32 parameters; anchors included):", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in results:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['state_bytes_per_param'][k]:.0f}" for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
