@@ -49,6 +49,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
     ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),
     ``anchor_period`` T, ``warmup_steps``, ``megabatch_size``, ``refresh_mc`` (1),
     ``anchor_noise`` (``"shared"`` | ``"independent"``), ``anchor_seed``, ``proximal`` (False),
+    ``correct_hessian`` (True; False corrects the gradient only: with a tiny σ the Price
+    correction :math:`z\odot(\hat g_{in}-\hat g_{out})/\sigma` grows like :math:`\|m-m_{out}\|/\sigma`),
     ``force_anchor_pass`` (tests), ``anchor_device`` and ``track_stats`` (keep the last
     :math:`\tilde g,\tilde h` and the in/out estimates, for tests and diagnostics).
 
@@ -87,6 +89,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         anchor_noise: str = "shared",
         anchor_seed: int = 0,
         proximal: bool = False,
+        correct_hessian: bool = True,
         force_anchor_pass: bool = False,
         anchor_device: Optional[Union[str, torch.device]] = None,
         track_stats: bool = False,
@@ -109,6 +112,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.refresh_mc = refresh_mc
         self.anchor_noise = anchor_noise
         self.proximal = bool(proximal)
+        self.correct_hessian = bool(correct_hessian)
         self.force_anchor_pass = bool(force_anchor_pass)
         self.track_stats = bool(track_stats)
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
@@ -264,6 +268,10 @@ class IVONPoCo(CorrectionSchedule, IVON):
                 mean = self.state[p].get("mean", p)
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
         poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
+        if not self.correct_hessian:
+            if self.track_stats:
+                self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": h_in}
+            return price  # ws["stat"] still holds the uncorrected Price statistic
         poco_correct_(h_in, h_out, h_bar, alpha)
         if self.track_stats:
             self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]}

@@ -1,0 +1,38 @@
+"""The benchmarks' --quick modes write well-formed results (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
+def test_convex_quick_writes_results(tmp_path):
+    import convex
+
+    assert convex.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "convex.json").read_text())
+    methods = {r["method"] for r in report["multiclass"]}
+    assert {"SGD", "SVRG", "α-SVRG", "VSGD-PoCo", "IVON", "IVON-PoCo"} <= methods
+    assert {r["method"] for r in report["binary"]} == {"VON", "VON-PoCo"}
+    svrg = next(r for r in report["multiclass"] if r["method"] == "SVRG")["curve"]
+    assert svrg[-1]["rel_subopt"] < svrg[0]["rel_subopt"] and svrg[-1]["passes"] > svrg[0]["passes"]
+    assert (tmp_path / "convex.md").read_text().startswith("| problem |")
+    assert (tmp_path / "convex_multiclass.png").stat().st_size > 0
+
+
+def test_step_overhead_writes_results(tmp_path):
+    import step_overhead
+
+    assert step_overhead.main(["--models", "mlp", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "step_overhead.json").read_text())
+    r = report["results"][0]
+    assert r["model"] == "mlp" and r["ratios"]["whole_vbpc/adamw"] > 0
+    assert r["state_bytes_per_param"]["ivon"] == 8.0  # momentum + h in fp32 (the mean is the parameter)
