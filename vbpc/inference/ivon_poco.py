@@ -48,6 +48,9 @@ class IVONPoCo(CorrectionSchedule, IVON):
     Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus
     ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),
     ``anchor_period`` T, ``warmup_steps``, ``megabatch_size``, ``refresh_mc`` (1),
+    ``refresh_antithetic`` (True: ±z' pairs in the refresh, a [vbpc] choice that keeps the
+    mega-batch Price :math:`\bar h_{out}` from being swamped by the :math:`z\odot\nabla\bar\ell/\sigma`
+    term; without it IVON-PoCo diverged on the convex benchmark),
     ``anchor_noise`` (``"shared"`` | ``"independent"``), ``anchor_seed``, ``proximal`` (False),
     ``correct_hessian`` (True; False corrects the gradient only: with a tiny σ the Price
     correction :math:`z\odot(\hat g_{in}-\hat g_{out})/\sigma` grows like :math:`\|m-m_{out}\|/\sigma`),
@@ -86,6 +89,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         warmup_steps: int = 0,
         megabatch_size: Optional[int] = None,
         refresh_mc: int = 1,
+        refresh_antithetic: bool = True,
         anchor_noise: str = "shared",
         anchor_seed: int = 0,
         proximal: bool = False,
@@ -110,6 +114,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
                          clip_radius, sync, debias, rescale_lr, **ivon_kw)
         self.megabatch_size = megabatch_size
         self.refresh_mc = refresh_mc
+        self.refresh_antithetic = bool(refresh_antithetic)
         self.anchor_noise = anchor_noise
         self.proximal = bool(proximal)
         self.correct_hessian = bool(correct_hessian)
@@ -163,12 +168,14 @@ class IVONPoCo(CorrectionSchedule, IVON):
                 wd_l.append(float(g["weight_decay"]))
         passes = self.anchor.refresh(
             loss_fn, data, scale=scale, hessian=True, refresh_mc=self.refresh_mc,
+            antithetic=self.refresh_antithetic,
             extra={"hess": h_out, "rsqrt": rsqrt_out, "ess": ess_l, "weight_decay": wd_l},
             means=[self.state[p].get("mean", p) for p in params],  # fp32 masters where they exist
             names=self._names(params), model=model, batch_size=batch_size,
             max_examples=self.megabatch_size, progress=progress, step=self.t)
         self.counters["refresh_passes"] += passes
-        self.counters["refresh_examples"] += self.anchor.examples * self.refresh_mc
+        draws = self.refresh_mc * (2 if self.refresh_antithetic else 1)
+        self.counters["refresh_examples"] += self.anchor.examples * draws  # gradient evaluations
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]

@@ -187,6 +187,7 @@ class Anchor:
         scale: Union[float, list[Tensor], None] = 0.0,
         hessian: bool = False,
         refresh_mc: int = 1,
+        antithetic: bool = False,
         extra: Optional[dict[str, Any]] = None,
         means: Optional[list[Tensor]] = None,
         names: Optional[list[str]] = None,
@@ -203,7 +204,10 @@ class Anchor:
         parameter (diagonal), or 0/``None`` (delta method: exactly :math:`m_{out}`).  Each chunk is
         evaluated ``refresh_mc`` times at :math:`\theta'=m_{out}+\sigma_{out}\odot z'` (:math:`z'`
         from the anchor generator); with ``hessian`` the Price estimate
-        :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  ``means`` overrides
+        :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  ``antithetic`` evaluates
+        each draw as a pair :math:`\pm z'` (2·``refresh_mc`` passes per chunk), which cancels the
+        :math:`z'\odot\nabla\bar\ell_C(m_{out})/\sigma_{out}` term that dominates the Price estimate's
+        variance when σ is small (the [vbpc] device of ALGORITHMS.md §8, eq. 30).  ``means`` overrides
         the snapshot source (fp32 master weights).  Nothing is published unless the pass completes
         with finite statistics; then the mean, the statistics and ``extra`` (the family's snapshot,
         e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together (:meth:`publish`).
@@ -219,13 +223,18 @@ class Anchor:
             raise ValueError("the Price Hessian needs a positive anchor spread (scale)")
         m_out = [self._buf(m) for m in (means if means is not None else params)]
 
+        signs = (1.0, -1.0) if antithetic and scales is not None else (1.0,)
+        draws = refresh_mc * len(signs)
+
         def evaluate(batch: Any) -> tuple[list[Tensor], Optional[list[Tensor]], int]:
             g_c = [torch.zeros_like(m) for m in m_out]
             h_c = [torch.zeros_like(m) for m in m_out] if hessian else None
-            for _ in range(refresh_mc):
-                z = None if scales is None else [
-                    torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
-                    for p, m in zip(params, m_out)]
+            for k in range(draws):
+                if k % len(signs) == 0:
+                    z0 = None if scales is None else [
+                        torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
+                        for p, m in zip(params, m_out)]
+                z = None if z0 is None else [signs[k % len(signs)] * t for t in z0]
 
                 def write(z: Optional[list[Tensor]] = z) -> None:
                     for i, (p, m) in enumerate(zip(params, m_out)):
@@ -241,11 +250,11 @@ class Anchor:
                     if g is None:
                         continue
                     g = g.to(m_out[i].device, m_out[i].dtype)
-                    g_c[i].add_(g, alpha=1.0 / refresh_mc)
+                    g_c[i].add_(g, alpha=1.0 / draws)
                     if h_c is not None:
                         assert z is not None
-                        h_c[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / refresh_mc)
-            return g_c, h_c, refresh_mc
+                        h_c[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / draws)
+            return g_c, h_c, draws
 
         g_bar, h_bar, passes, seen = self.accumulate(evaluate, data, names=names, model=model, batch_size=batch_size,
                                                      max_examples=max_examples, progress=progress)
