@@ -244,3 +244,23 @@ def test_antithetic_refresh_cancels_the_gradient_term_of_the_price_estimate():
             hs.append(torch.cat([h.flatten() for h in opt.anchor.hess]))
         spread[anti] = float(torch.stack(hs).std(0).mean())
     assert spread[True] < 0.2 * spread[False]
+
+
+def test_warmup_is_plain_ivon_then_refreshes_on_schedule():
+    """t < t_w: α = 0 and no refresh is due (plain IVON, bitwise); refreshes at t_w, t_w + T, ..."""
+    x, y = _xy()
+    runs = []
+    for kind in ("ivon", "poco"):
+        model = _mlp()
+        opt = (vbpc.IVON(model.parameters(), **KW) if kind == "ivon" else
+               vbpc.IVONPoCo(model.parameters(), alpha=0.8, alpha_schedule="linear", total_steps=11,
+                             warmup_steps=3, anchor_period=4, **KW))
+        torch.manual_seed(2)
+        _loop(model, opt, x, y, 3)
+        runs.append(_state(model, opt))
+        if kind == "poco":
+            assert not opt.anchor.ready and opt.refresh_due and opt.alpha == 0.0
+            _loop(model, opt, x, y, 8)
+            assert opt.anchor.refreshes == 2 and opt.anchor.step == 7  # t = 3 and 7
+            assert opt.n_intervals == 2 and opt.alpha == 0.0  # linspace(0.8, 0, 2)[1] in the last interval
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
