@@ -23,3 +23,16 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, x: tor
     closure = ce_closure(model, opt, x, y)
     for _ in range(steps):
         opt.step(closure)
+
+
+def poco_loop(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+              bs: int = 6, chunks: int = 8) -> None:
+    """``steps`` steps over consecutive batches of ``(x, y)``, refreshing the anchor (over chunks
+    of the whole data, BatchNorm-neutral) whenever a corrected learner says one is due."""
+    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    data = [(x[i:i + chunks], y[i:i + chunks]) for i in range(0, len(x), chunks)]
+    for t in range(steps):
+        if getattr(opt, "refresh_due", False):
+            opt.refresh(loss_fn, data, model=model, progress=False)
+        i = (t * bs) % len(x)
+        opt.step(ce_closure(model, opt, x[i:i + bs], y[i:i + bs]))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import vbpc
+from helpers import poco_loop
 
 F64 = torch.float64
 
@@ -24,22 +25,7 @@ def _xy(n=24, seed=0):
     return torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _loop(model, opt, x, y, steps, bs=6, chunks=8):
-    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
-    data = [(x[i:i + chunks], y[i:i + chunks]) for i in range(0, len(x), chunks)]
-    for t in range(steps):
-        if getattr(opt, "refresh_due", False):
-            opt.refresh(loss_fn, data, model=model, progress=False)
-        i = (t * bs) % len(x)
-        xb, yb = x[i:i + bs], y[i:i + bs]
-
-        def closure(xb=xb, yb=yb):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+_loop = poco_loop
 
 
 def _state(model, opt):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import vbpc
+from helpers import poco_loop
 from vbpc.inference.poco import alpha_at
 
 F64 = torch.float64
@@ -146,22 +147,7 @@ def _xy(n=24, seed=0):
     return torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _loop(model, opt, x, y, steps, bs=6, refresh=True):
-    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
-    chunks = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
-    for t in range(steps):
-        if refresh and getattr(opt, "refresh_due", False):
-            opt.refresh(loss_fn, chunks, model=model, progress=False)
-        i = (t * bs) % len(x)
-        xb, yb = x[i:i + bs], y[i:i + bs]
-
-        def closure(xb=xb, yb=yb):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+_loop = poco_loop
 
 
 @pytest.mark.parametrize("noise", ["shared", "independent"])
