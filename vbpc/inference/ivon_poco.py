@@ -263,9 +263,10 @@ class IVONPoCo(CorrectionSchedule, IVON):
         h_bar = a.hess[o:o + n]  # type: ignore[index]
         r_out = a.extra["rsqrt"][o:o + n]
         # ĥ = √λ · mean(z⊙g) / r  (fast-path Price statistic, eq. 5)
-        h_in = [s.mul(root).div_(r) for s, r in zip(ws["stat"], ws["rsqrt"])]
-        h_out = [s.mul(math.sqrt(e)).div_(r.to(s.device))
-                 for s, r, e in zip(ws["stat_out"], r_out, a.extra["ess"][o:o + n])]
+        # into the scratch lists (free once samples are collected: no allocation per step)
+        h_in = [torch.mul(s, root, out=b).div_(r) for s, r, b in zip(ws["stat"], ws["rsqrt"], ws["s1"])]
+        h_out = [torch.mul(s, math.sqrt(e), out=b).div_(r.to(s.device))
+                 for s, r, e, b in zip(ws["stat_out"], r_out, a.extra["ess"][o:o + n], ws["s2"])]
         g_in = ws["ghat"]
         if self.track_stats:
             snap = {"g_in": [t.clone() for t in g_in], "g_out": [t.clone() for t in ws["grad_out"]],
@@ -277,7 +278,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if not self.correct_hessian:
             if self.track_stats:
-                self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": h_in}
+                self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]}
             return price  # ws["stat"] still holds the uncorrected Price statistic
         poco_correct_(h_in, h_out, h_bar, alpha)
         if self.track_stats:

@@ -476,14 +476,18 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
             z = [torch.randn_like(p) for p in params] if sigma > 0 else None
         rng0 = capture_rng()
 
-        def at(mean: list[Tensor], noise: Optional[list[Tensor]]) -> Callable[[], None]:
+        def at(mean: Optional[list[Tensor]], noise: Optional[list[Tensor]], spread: float) -> Callable[[], None]:
+            """θ = m + σz in place; ``mean=None`` means the parameters' own values (the current
+            mean; ``perturbation`` already keeps the copy that restores them)."""
             def write() -> None:
-                for p, m, zi in zip(params, mean, noise or [None] * len(params)):
-                    p.copy_(m if zi is None else m.to(p.device) + sigma * zi)
+                for i, p in enumerate(params):
+                    if mean is not None:
+                        p.copy_(mean[i])
+                    if noise is not None:
+                        p.add_(noise[i], alpha=spread)
             return write
 
-        saved_means = [p.detach().clone() for p in params]
-        with perturbation(params, names, "VSGDPoCo.step", at(saved_means, z)):
+        with perturbation(params, names, "VSGDPoCo.step", at(None, z, sigma)):
             with torch.enable_grad():
                 loss = closure()
             g_in = self._grads(params)
@@ -495,9 +499,10 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         if alpha != 0.0 or (self.force_anchor_pass and self.anchor.ready):
             rng1 = capture_rng()
             restore_rng(rng0)
-            z_out = self.anchor.noise(params, z if self.anchor_noise == "shared" else None, sigma)
+            z_out = self.anchor.noise(params, z if self.anchor_noise == "shared" else None, self.anchor.sigma)
             assert self.anchor.mean is not None
-            with perturbation(params, names, "VSGDPoCo.step (anchor)", at(self.anchor.mean, z_out)):
+            anchor_mean = [m.to(p.device) for m, p in zip(self.anchor.mean, params)]
+            with perturbation(params, names, "VSGDPoCo.step (anchor)", at(anchor_mean, z_out, self.anchor.sigma)):
                 with torch.enable_grad():
                     loss_out = closure()
                 g_out = self._grads(params)
