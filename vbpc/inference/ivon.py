@@ -42,6 +42,7 @@ from ..functional import (
     product_,
     welford_,
 )
+from ..nn.norm import RunningStatsGuard
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
 
 __all__ = ["IVON"]
@@ -114,6 +115,9 @@ class IVON(Optimizer):
         foreach: force (``True``) or forbid (``False``) the ``torch._foreach_*`` kernels.  The
             default uses them on CUDA, and on the CPU for tensors under
             :attr:`FOREACH_MAX_NUMEL` elements (larger ones use single-tensor ``out=`` kernels).
+        model: the network, only for its BatchNorm running statistics (:mod:`vbpc.nn.norm`):
+            with it, ``step(closure)`` lets only the first MC pass update them.
+        norm_update: ``"first"`` (default), ``"all"`` (every MC pass) or ``"none"``.
 
     Arithmetic: by default the update runs the fused kernels of
     :func:`vbpc.functional.ivon_update_fast_` (10 memory passes, σ cached between steps), which
@@ -150,6 +154,8 @@ class IVON(Optimizer):
         state_dtype: torch.dtype = torch.float32,
         gradsq_scale: str = "ess",
         foreach: Optional[bool] = None,
+        model: Optional[nn.Module] = None,
+        norm_update: str = "first",
     ):
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"invalid mc_samples={mc_samples!r}: must be an int >= 1")
@@ -174,6 +180,7 @@ class IVON(Optimizer):
         self._ws: dict[int, dict[str, Any]] = {}  # reusable buffers (noise, saved means)
         self._active = False  # a sampled_params context is open
         self._closure_owned = False  # step(closure) owns the current sample
+        self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -520,7 +527,8 @@ class IVON(Optimizer):
     def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
         """One MC sample of ``step(closure)``: draw, evaluate, collect; returns the loss."""
         draw, ctx = self._sample_context("IVON.step")
-        loss = self._run_closure(closure, ctx)
+        with self._norm(first=self._count == 0):
+            loss = self._run_closure(closure, ctx)
         self._collect(draw, alias=self.mc_samples == 1 and not self.parity and not self.sync)
         return loss
 

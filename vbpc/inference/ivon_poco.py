@@ -171,7 +171,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
             antithetic=self.refresh_antithetic,
             extra={"hess": h_out, "rsqrt": rsqrt_out, "ess": ess_l, "weight_decay": wd_l},
             means=[self.state[p].get("mean", p) for p in params],  # fp32 masters where they exist
-            names=self._names(params), model=model, batch_size=batch_size,
+            names=self._names(params), model=self._norm.model if model is None else model, batch_size=batch_size,
             max_examples=self.megabatch_size, progress=progress, step=self.t)
         self.counters["refresh_passes"] += passes
         draws = self.refresh_mc * (2 if self.refresh_antithetic else 1)
@@ -201,13 +201,15 @@ class IVONPoCo(CorrectionSchedule, IVON):
             return super()._closure_sample(closure)
         draw, ctx = self._sample_context("IVONPoCo.step")
         rng0 = capture_rng()
-        loss = self._run_closure(closure, ctx)
+        with self._norm(first=self._count == 0):
+            loss = self._run_closure(closure, ctx)
         self._collect(draw)
         rng1 = capture_rng()
         restore_rng(rng0)
         try:
             out_draw, out_ctx = self._anchor_context(draw)
-            loss_out = self._run_closure(closure, out_ctx)
+            with self._norm(first=False, anchor=True):
+                loss_out = self._run_closure(closure, out_ctx)
         finally:
             restore_rng(rng1)
         if not bool(torch.isfinite(loss_out).all()):

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import poco_correct_
+from ..nn.norm import RunningStatsGuard, preserved_running_stats
 from ..posterior import perturbation
 from .rng import capture_rng, restore_rng
 
@@ -132,33 +133,30 @@ class Anchor:
         size_of = batch_size or batch_size_of
         g_bar: Optional[list[Tensor]] = None
         h_bar: Optional[list[Tensor]] = None
-        buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
-        rng = capture_rng()
-        seen, passes = 0, 0
-        try:
-            for batch in tqdm(data, desc="anchor refresh", disable=not progress, leave=False, dynamic_ncols=True):
-                n = int(size_of(batch))
-                if n <= 0:
-                    continue
-                g_c, h_c, k = evaluate(batch)
-                passes += k
-                seen += n
-                w = n / seen
-                if g_bar is None:
-                    g_bar = [torch.zeros_like(g) for g in g_c]
-                    h_bar = None if h_c is None else [torch.zeros_like(h) for h in h_c]
-                for acc, x in zip(g_bar, g_c):
-                    acc.add_(x.sub(acc), alpha=w)
-                if h_bar is not None and h_c is not None:
-                    for acc, x in zip(h_bar, h_c):
+        with preserved_running_stats(model):
+            rng = capture_rng()
+            seen, passes = 0, 0
+            try:
+                for batch in tqdm(data, desc="anchor refresh", disable=not progress, leave=False, dynamic_ncols=True):
+                    n = int(size_of(batch))
+                    if n <= 0:
+                        continue
+                    g_c, h_c, k = evaluate(batch)
+                    passes += k
+                    seen += n
+                    w = n / seen
+                    if g_bar is None:
+                        g_bar = [torch.zeros_like(g) for g in g_c]
+                        h_bar = None if h_c is None else [torch.zeros_like(h) for h in h_c]
+                    for acc, x in zip(g_bar, g_c):
                         acc.add_(x.sub(acc), alpha=w)
-                if max_examples is not None and seen >= max_examples:
-                    break
-        finally:
-            restore_rng(rng)
-            if model is not None:
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
+                    if h_bar is not None and h_c is not None:
+                        for acc, x in zip(h_bar, h_c):
+                            acc.add_(x.sub(acc), alpha=w)
+                    if max_examples is not None and seen >= max_examples:
+                        break
+            finally:
+                restore_rng(rng)
         if g_bar is None:
             raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
         for label, stats in (("gradient", g_bar), ("Hessian", h_bar or [])):
@@ -415,6 +413,8 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         force_anchor_pass: bool = False,
         anchor_device: Optional[Union[str, torch.device]] = None,
         track_stats: bool = False,
+        model: Optional[nn.Module] = None,
+        norm_update: str = "first",
     ):
         checks = [
             ("lr", lr, lr >= 0), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
@@ -435,6 +435,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
         self.anchor = Anchor(self._params(), seed=anchor_seed, device=anchor_device)
+        self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -450,6 +451,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
 
         ``loss_fn(batch)`` returns the mean loss of ``batch`` computed with the model.  Pass
         ``model`` to keep its buffers (BatchNorm statistics) untouched by the refresh."""
+        model = self._norm.model if model is None else model
         chunks = self.anchor.refresh(loss_fn, data, scale=self.sigma, names=self._names(), model=model,
                                      batch_size=batch_size, max_examples=self.megabatch_size,
                                      progress=progress, step=self.t)
@@ -487,7 +489,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
                         p.add_(noise[i], alpha=spread)
             return write
 
-        with perturbation(params, names, "VSGDPoCo.step", at(None, z, sigma)):
+        with perturbation(params, names, "VSGDPoCo.step", at(None, z, sigma)), self._norm(first=True):
             with torch.enable_grad():
                 loss = closure()
             g_in = self._grads(params)
@@ -502,7 +504,8 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
             z_out = self.anchor.noise(params, z if self.anchor_noise == "shared" else None, self.anchor.sigma)
             assert self.anchor.mean is not None
             anchor_mean = [m.to(p.device) for m, p in zip(self.anchor.mean, params)]
-            with perturbation(params, names, "VSGDPoCo.step (anchor)", at(anchor_mean, z_out, self.anchor.sigma)):
+            with perturbation(params, names, "VSGDPoCo.step (anchor)", at(anchor_mean, z_out, self.anchor.sigma)), \
+                    self._norm(first=False, anchor=True):
                 with torch.enable_grad():
                     loss_out = closure()
                 g_out = self._grads(params)

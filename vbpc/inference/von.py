@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
+from ..nn.norm import RunningStatsGuard
 from ..posterior import FullGaussian, _cholesky, _MeanEntry, perturbation
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
 from .rng import capture_rng, restore_rng
@@ -81,6 +82,8 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         force_anchor_pass: bool = False,
         track_stats: bool = False,
         max_dim: int = 5000,
+        model: Optional[nn.Module] = None,
+        norm_update: str = "first",
     ):
         checks = [
             ("lr", lr, 0.0 < lr <= 1.0), ("ess", ess, ess > 0), ("weight_decay", weight_decay, weight_decay >= 0),
@@ -114,6 +117,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         self.P = hess_init * torch.eye(d, dtype=torch.float64)
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
         self.anchor = Anchor(plist, seed=anchor_seed)
+        self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -155,10 +159,11 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         return FullGaussian(entries, self.precision_matrix(), max_dim=self.max_dim)
 
     def _stats(self, closure: Callable[[], Tensor], theta: Tensor, m: Tensor, S: Tensor,
-               names: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss, gradient and Hessian of ``closure`` at ``theta`` (flat, float64)."""
+               names: list[str], *, first: bool = True, anchor: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, gradient and Hessian of ``closure`` at ``theta`` (flat, float64); ``first``/``anchor``
+        select the BatchNorm policy of the pass (:mod:`vbpc.nn.norm`)."""
         params = self._params()
-        with perturbation(params, names, "VON", self._write_flat(theta)):
+        with perturbation(params, names, "VON", self._write_flat(theta)), self._norm(first=first, anchor=anchor):
             with torch.enable_grad():
                 loss = closure()
                 if not isinstance(loss, Tensor) or loss.grad_fn is None:
@@ -212,6 +217,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
                 H_c += H / len(draws)
             return [g_c], [H_c], len(draws)
 
+        model = self._norm.model if model is None else model
         g_bar, H_bar, passes, seen = self.anchor.accumulate(evaluate, data, names=["flat parameters"], model=model,
                                                             batch_size=batch_size, progress=progress)
         self.anchor.publish([m_out], g_bar, H_bar, extra={"P": P_out}, step=self.t, examples=seen)
@@ -243,9 +249,9 @@ class VONPoCo(CorrectionSchedule, Optimizer):
             S_out = self.precision_matrix(P_out)
             low_out = _cholesky(S_out, "VON anchor")
         losses = []
-        for z in draws:
+        for k, z in enumerate(draws):
             rng0 = capture_rng()
-            loss, gi, Hi = self._stats(closure, self._sample(m, low, z), m, S, names)
+            loss, gi, Hi = self._stats(closure, self._sample(m, low, z), m, S, names, first=k == 0)
             G_in += gi / len(draws)
             H_in += Hi / len(draws)
             losses.append(loss)
@@ -254,7 +260,8 @@ class VONPoCo(CorrectionSchedule, Optimizer):
                 restore_rng(rng0)
                 z_out = z if (self.anchor_noise == "shared" or z is None) else torch.randn(
                     self.d, dtype=torch.float64, generator=self.anchor.generator)
-                _, go, Ho = self._stats(closure, self._sample(m_out, low_out, z_out), m_out, S_out, names)
+                _, go, Ho = self._stats(closure, self._sample(m_out, low_out, z_out), m_out, S_out, names,
+                                        anchor=True)
                 restore_rng(rng1)
                 G_out += go / len(draws)
                 H_out += Ho / len(draws)

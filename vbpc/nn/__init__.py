@@ -3,7 +3,8 @@
 See :mod:`vbpc.nn.layers` and ALGORITHMS.md §1-2 (eq. 3 for the precision, eq. 5 for samples).
 """
 
-from . import layers
+from . import layers, norm
 from .layers import *  # noqa: F403
+from .norm import *  # noqa: F403
 
-__all__ = list(layers.__all__)
+__all__ = list(layers.__all__) + list(norm.__all__)
