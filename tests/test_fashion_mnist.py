@@ -227,8 +227,9 @@ def test_evaluate_bma_matches_manual_average(named):
 
 
 # ----------------------------------------------------------------------------- real data
+_REAL_DIR = Path(fm.SYSTEM_DIR)  # captured before any test hides it
 requires_data = pytest.mark.skipif(
-    not Path(fm.SYSTEM_DIR, "train-images-idx3-ubyte.gz").is_file(),
+    not (_REAL_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason=f"real Fashion-MNIST not installed in {fm.SYSTEM_DIR} (apt-get install dataset-fashion-mnist)",
 )
 
@@ -247,6 +248,35 @@ def test_real_shapes_and_labels():
     raw = load_fashion_mnist("test", normalize=False).tensors[0]
     assert float(raw.min()) == 0.0 and float(raw.max()) == 1.0
     assert load_fashion_mnist("train").tensors[0] is x  # cached in-process
+
+
+@requires_data
+def test_real_files_in_torchvision_root(no_system_data):
+    """A torchvision root (the directory that contains ``FashionMNIST/raw/``) holding copies of the Debian files."""
+    root = no_system_data / "tv"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in fm._FILES["test"][:2]:
+        (raw / (stem + ".gz")).write_bytes((_REAL_DIR / (stem + ".gz")).read_bytes())
+    img, lbl = find_fashion_mnist("test", root=root)
+    assert (img, lbl) == (raw / "t10k-images-idx3-ubyte.gz", raw / "t10k-labels-idx1-ubyte.gz")
+    x, y = load_fashion_mnist("test", root=root).tensors
+    assert x.shape == (10000, 1, 28, 28) and torch.bincount(y, minlength=10).tolist() == [1000] * 10
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):  # the system dir is hidden
+        load_fashion_mnist("train", root=root)
+
+
+@requires_data
+def test_real_file_with_corrupt_header(no_system_data):
+    root = no_system_data / "bad"
+    root.mkdir()
+    for stem in fm._FILES["test"][:2]:
+        data = gzip.decompress((_REAL_DIR / (stem + ".gz")).read_bytes())
+        if stem.startswith("t10k-images"):
+            data = data[:2] + b"\x0a" + data[3:]  # type code 0x08 -> 0x0A (not an IDX type)
+        (root / stem).write_bytes(data)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: unknown IDX data type code 0x0A"):
+        load_fashion_mnist("test", root=root)
 
 
 @requires_data

@@ -16,31 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from .data.loading import make_loader  # re-exported: the one loader factory lives in vbpc.data
 from .posterior import GaussianPosterior
 
 __all__ = ["evaluate", "make_loader", "train_epoch"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: Optional[torch.Generator] = None,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A ``DataLoader`` that fetches whole batches with one indexing call.
-
-    For in-memory datasets such as ``TensorDataset`` (whose ``__getitem__`` accepts a list
-    of indices) this avoids per-example indexing and collation, which otherwise dominates
-    the run time of small models on CPU.  ``generator`` seeds the shuffling.
-    """
-    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None)
 
 
 def _device(model: nn.Module) -> torch.device:
