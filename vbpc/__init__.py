@@ -5,6 +5,7 @@ from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
+from .inference.svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
 from .inference.von import VON, VONPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
@@ -20,6 +21,10 @@ __all__ = [
     "AlphaSVRG",
     "VON",
     "VONPoCo",
+    "BayesByBackprop",
+    "to_pyro",
+    "to_pyro_guide",
+    "to_pyro_model",
     "nn",
     "DiagonalGaussian",
     "IsotropicGaussian",

@@ -1,8 +1,10 @@
-"""Learners and workflows: IVON (and, in later modules, the posterior-corrected learners)."""
+"""Learners and workflows: IVON, the posterior-corrected learners, and Pyro interoperability (``svi``)."""
 
 from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
 from .poco import SVRG, VSGD, AlphaSVRG, Anchor, VSGDPoCo
+from .svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
 from .von import VON, VONPoCo
 
-__all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "VON", "VONPoCo"]
+__all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "VON", "VONPoCo",
+           "BayesByBackprop", "to_pyro", "to_pyro_guide", "to_pyro_model"]
