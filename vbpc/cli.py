@@ -4,7 +4,13 @@ Subcommands grow with the toolkit; today:
 
 * ``vbpc info``: versions, devices and which offline datasets/models are installed;
 * ``vbpc fmnist``: train an MLP with IVON on the real Fashion-MNIST and report mean and
-  Bayesian-model-averaged test accuracy and NLL (the README quick start).
+  Bayesian-model-averaged test accuracy and NLL (the README quick start);
+* ``vbpc cnn``: LeNet-5 / ResNet-20 on Fashion-MNIST with IVON, AdamW and Pyro Bayes-by-backprop;
+* ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
+* ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task.
+
+Each training command is a recipe in :mod:`vbpc.recipes` (``add_arguments`` + ``run``); the
+scripts in ``examples/`` call the same code.
 """
 
 from __future__ import annotations
@@ -39,10 +45,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmnist(args: argparse.Namespace) -> int:
-    from .recipes.fashion_mnist import run
+#: subcommand -> (recipe module, help)
+RECIPES = {
+    "fmnist": ("fashion_mnist", "train an MLP with IVON on real Fashion-MNIST (quick start)"),
+    "cnn": ("fmnist_cnn", "a CNN on Fashion-MNIST: IVON vs AdamW vs Pyro Bayes-by-backprop"),
+    "gpt": ("shakespeare_gpt", "a character-level GPT-2 trained with IVON on Shakespeare"),
+    "finetune": ("finetune_minilm", "IVON finetuning of the pretrained MiniLM on the corpus task"),
+}
 
-    run(args)
+
+def _recipe(module: str):
+    return importlib.import_module(f"vbpc.recipes.{module}")
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    _recipe(args.recipe).run(args)
     return 0
 
 
@@ -53,12 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and installed offline data")
     p.set_defaults(func=_info)
-    p = sub.add_parser("fmnist", help="train an MLP with IVON on real Fashion-MNIST (quick start)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .recipes.fashion_mnist import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_fmnist)
+    for name, (module, help_) in RECIPES.items():
+        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _recipe(module).add_arguments(p)
+        p.set_defaults(func=_run_recipe, recipe=module)
     return ap
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ def train_epoch(
     progress: bool = True,
     *,
     desc: str = "train",
+    scheduler: Optional[Any] = None,
 ) -> float:
     """Train ``model`` for one pass over ``loader`` and return the mean training loss.
 
@@ -46,7 +47,8 @@ def train_epoch(
     ``optimizer.step(closure)``, where ``closure`` zeroes the gradients, computes
     ``loss_fn(model(x), y)`` (a mean loss), calls ``backward`` and returns the loss.  For
     :class:`vbpc.IVON` the returned loss is the average over its MC samples, i.e. at
-    *sampled* weights.  The mean is weighted by batch size.  ``progress`` shows a tqdm bar.
+    *sampled* weights.  The mean is weighted by batch size.  ``progress`` shows a tqdm bar;
+    ``scheduler`` (a ``torch.optim.lr_scheduler``) is stepped after every batch.
     """
     model.train()
     device = _device(model)
@@ -64,6 +66,8 @@ def train_epoch(
             return loss
 
         out = optimizer.step(closure)
+        if scheduler is not None:
+            scheduler.step()
         loss_val = float(torch.as_tensor(out).detach() if out is not None else last[-1])
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"non-finite training loss {loss_val} after {count} examples")
