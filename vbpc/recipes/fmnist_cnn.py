@@ -38,9 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-size", type=int, default=None, help="use the first N training images (default all)")
-    p.add_argument("--ivon-lr", type=float, default=0.2)
+    p.add_argument("--ivon-lr", type=float, default=0.5)
     p.add_argument("--hess-init", type=float, default=0.5)
-    p.add_argument("--adamw-lr", type=float, default=2e-3)
+    p.add_argument("--beta2", type=float, default=0.999, help="0.99999 for long runs")
+    p.add_argument("--adamw-lr", type=float, default=4e-3)
     p.add_argument("--bbb-lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="δ (IVON, BBB prior) and AdamW's decay")
     p.add_argument("--test-samples", type=int, default=16)
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         else:
             if method == "ivon":
                 opt: torch.optim.Optimizer = vbpc.IVON(model.parameters(), lr=args.ivon_lr, ess=n,
-                                                       hess_init=args.hess_init, weight_decay=args.weight_decay)
+                                                       hess_init=args.hess_init, weight_decay=args.weight_decay,
+                                                       beta2=args.beta2)
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, weight_decay=args.weight_decay)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * len(loaders[0]))
