@@ -11,6 +11,12 @@ with passages of the Encyclopaedia Britannica article as the out-of-distribution
 Prints test accuracy and NLL at the posterior mean and by Bayesian model averaging, and how
 well the predictive's max probability separates test passages from OOD ones (AUROC, in-domain
 positive; ALGORITHMS.md §9).  ``--baseline adamw`` also finetunes with AdamW on the same batches.
+
+Defaults (measured on 900 training passages, 29 steps): ``ess`` is a *tempered* 1e6 rather than
+the number of passages (the pretrained weights stand for far more data; ess = 900 puts weight
+noise σ ≈ 0.015 on weights of scale 0.04 and reached 0.68 accuracy instead of 0.89), and
+β2 = 0.9 so that the curvature estimate adapts within a short run (β2 = 0.999 keeps
+:math:`h\approx h_0`: 0.81).
 """
 
 from __future__ import annotations
@@ -36,19 +42,20 @@ from vbpc.models import minilm_classifier
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scope", default="all", choices=["all", "last_layer"],
                    help="finetune everything or only the new head")
-    p.add_argument("--train-per-class", type=int, default=800, help="training passages per class")
-    p.add_argument("--eval-size", type=int, default=600, help="test and OOD passages scored")
+    p.add_argument("--train-per-class", type=int, default=500, help="training passages per class")
+    p.add_argument("--eval-size", type=int, default=500, help="test and OOD passages scored")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens per passage")
-    p.add_argument("--lr", type=float, default=0.05, help="IVON learning rate (initial step ≈ lr·g)")
+    p.add_argument("--lr", type=float, default=0.1, help="IVON learning rate (initial step ≈ lr·g)")
     p.add_argument("--hess-init", type=float, default=5.0)
-    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--beta2", type=float, default=0.9, help="fast curvature tracking for a short run")
+    p.add_argument("--clip-radius", type=float, default=float("inf"))
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--ess", type=float, default=None, help="default: the number of training passages")
+    p.add_argument("--ess", type=float, default=1e6, help="tempered: the pretrained weights stand for far more data")
     p.add_argument("--baseline", choices=["none", "adamw"], default="none")
     p.add_argument("--adamw-lr", type=float, default=5e-5)
-    p.add_argument("--test-samples", type=int, default=8)
+    p.add_argument("--test-samples", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -126,8 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             for p in model.parameters():
                 p.requires_grad_(id(p) in keep)
         if method == "ivon":
-            opt: torch.optim.Optimizer = vbpc.IVON(named, lr=args.lr, ess=float(args.ess or len(train_texts)),
-                                                   hess_init=args.hess_init, beta2=args.beta2,
+            opt: torch.optim.Optimizer = vbpc.IVON(named, lr=args.lr, ess=args.ess, hess_init=args.hess_init,
+                                                   beta2=args.beta2, clip_radius=args.clip_radius,
                                                    weight_decay=args.weight_decay)
         else:
             opt = torch.optim.AdamW([p for _, p in named], lr=args.adamw_lr if args.scope == "all" else 1e-3,
