@@ -212,11 +212,11 @@ def test_evaluate_bma_matches_manual_average(named):
     post = opt.posterior(model) if named else opt.posterior()  # positional names: own binding
     res = evaluate(model, make_loader(ds, 32), posterior=post, n_samples=5,
                    generator=torch.Generator().manual_seed(3))
-    gen = torch.Generator().manual_seed(3)
+    stacked = post.sample_stack(5, torch.Generator().manual_seed(3))  # the draws predict() makes
     probs = []
     with torch.no_grad():
-        for _ in range(5):
-            with post.sampled(generator=gen):
+        for s in range(5):
+            with post.sampled(theta={k: v[s] for k, v in stacked.items()}):
                 probs.append(F.softmax(model(ds.tensors[0]), dim=-1))
     avg = torch.stack(probs).mean(0)
     y = ds.tensors[1]

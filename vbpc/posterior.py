@@ -178,18 +178,23 @@ class GaussianPosterior:
         return self
 
     @contextlib.contextmanager
-    def sampled(self, model: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None):
+    def sampled(self, model: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None,
+                theta: Optional[Mapping[str, Tensor]] = None):
         """Load one weight sample into the module; restore the parameters bitwise on exit.
 
-        Yields the sample dictionary.  Nested or overlapping sampling raises
-        :class:`~vbpc.errors.SamplingError`; exceptions in the body still restore.
+        Yields the sample dictionary: a fresh :meth:`sample` drawn with ``generator``, or the given
+        ``theta`` (e.g. a draw made earlier; it must cover every parameter).  Nested or overlapping
+        sampling raises :class:`~vbpc.errors.SamplingError`; exceptions in the body still restore.
         """
         if model is not None:
             self.bind(model)
         missing = [e.name for e in self._entries if e.target is None]
         if missing:
             raise SamplingError(f"posterior is not bound to a module (e.g. {missing[0]!r}); pass the model")
-        theta = self.sample(generator)
+        if theta is None:
+            theta = self.sample(generator)
+        else:
+            self._check_theta(theta)
         targets: list[Tensor] = [e.target for e in self._entries]
 
         def write() -> None:
@@ -260,6 +265,17 @@ class GaussianPosterior:
     # ------------------------------------------------------------------ per family
     def sample(self, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    @torch.no_grad()
+    def sample_stack(self, n: int, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """``n`` samples stacked sample-first, ``{name: (n, *shape)}`` (for batched BMA, §9).
+
+        The base implementation stacks ``n`` calls of :meth:`sample`; families may draw all ``n``
+        at once (same distribution, a different order of the random stream)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        draws = [self.sample(generator) for _ in range(n)]
+        return {k: torch.stack([d[k] for d in draws]) for k in self.names}
 
     def entropy(self) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -399,6 +415,20 @@ class DiagonalGaussian(GaussianPosterior):
         for e, n in zip(self._entries, noise):
             dtype = torch.promote_types(e.mean.dtype, n.dtype)
             out[e.name] = e.mean.to(dtype) + n.to(dtype)
+        return out
+
+    @torch.no_grad()
+    def sample_stack(self, n: int, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        r""":math:`\theta_s = m + z_s/\sqrt{\lambda(h+\delta)}` for :math:`s=1..n` at once (eq. 5): one
+        ``randn`` of shape ``(n, *shape)`` per tensor, scaled by the same kernel as :meth:`sample`."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        out = {}
+        for e in self._entries:
+            z = torch.randn((n, *e.hess.shape), dtype=e.hess.dtype, device=e.hess.device, generator=generator)
+            gaussian_noise_([z], [e.hess], e.ess, e.weight_decay, foreach=False)
+            dtype = torch.promote_types(e.mean.dtype, z.dtype)
+            out[e.name] = z.to(dtype).add_(e.mean.to(dtype))
         return out
 
     # ------------------------------------------------------------------ densities

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data.loading import make_loader  # re-exported: the one loader factory lives in vbpc.data
 from .posterior import GaussianPosterior
+from .predictive import predict
 
 __all__ = ["evaluate", "make_loader", "train_epoch"]
 
@@ -103,38 +104,21 @@ def evaluate(
         \bar p(y\mid x) = \frac1S\sum_s \mathrm{softmax}(f_{\theta_s}(x))_y,\qquad
         \mathrm{NLL} = -\frac1N\sum_i \log\bar p(y_i\mid x_i),
 
-    computed stably as a log-sum-exp of log-softmax values.  Accuracy uses
+    computed stably as a log-sum-exp of log-softmax values by :func:`vbpc.predictive.predict`.  Accuracy uses
     :math:`\arg\max_y\bar p(y\mid x)`.  The model runs in eval mode (restored afterwards)
     and its parameters are restored bit for bit after every sample.
 
     Returns:
         ``{"accuracy": float, "nll": float}``.
     """
-    if n_samples < 0:
-        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
-    use_bma = posterior is not None and n_samples > 0
     if posterior is not None and n_samples == 0:
         raise ValueError("evaluate: a posterior was given but n_samples == 0; pass n_samples >= 1 for BMA")
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    correct, nll, count = 0, 0.0, 0
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if use_bma:
-                logps = []
-                for _ in range(n_samples):
-                    with posterior.sampled(model, generator=generator):  # type: ignore[union-attr]
-                        logps.append(F.log_softmax(model(x).float(), dim=-1))
-                logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(n_samples)
-            else:
-                logp = F.log_softmax(model(x).float(), dim=-1)
-            nll += float(F.nll_loss(logp, y, reduction="sum"))
-            correct += int((logp.argmax(dim=-1) == y).sum())
-            count += len(y)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate: the loader yielded no batch")
-    return {"accuracy": correct / count, "nll": nll / count}
+        pred = predict(model, loader, posterior, n_samples, generator=generator)
+    except ValueError as exc:
+        raise ValueError(f"evaluate: {exc}") from None
+    if pred.labels is None:
+        raise ValueError("evaluate: the loader yielded no labels")
+    logp, y = pred.log_probs, pred.labels
+    nll = float(F.nll_loss(logp.double(), y, reduction="mean"))
+    return {"accuracy": float((logp.argmax(dim=-1) == y).double().mean()), "nll": nll}
