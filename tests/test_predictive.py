@@ -161,3 +161,28 @@ def test_sample_stack_moments_all_families():
             torch.testing.assert_close(st[n].var(0), var[n], rtol=0.05, atol=0)
     with pytest.raises(ValueError, match="n must be"):
         diag.sample_stack(0)
+
+
+def test_causal_lm_token_predictive():
+    """task='causal_lm': position t predicts t+1; ignore_index targets and padding are dropped."""
+    from vbpc.models import char_gpt2
+
+    torch.manual_seed(0)
+    model = char_gpt2(12, block_size=6, n_layer=1, n_embd=16, n_head=2).eval()
+    ids = torch.randint(0, 12, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = predict(model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}], task="causal_lm")
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    keep = [(0, 0), (0, 1), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2)]  # (b, t) predicting t+1
+    assert out.labels.tolist() == [int(labels[b, t + 1]) for b, t in keep]
+    torch.testing.assert_close(out.log_probs, torch.stack([logp[b, t] for b, t in keep]))
+    post = vbpc.DiagonalGaussian.from_module(model, include=[r"h\.0\.mlp\."], precision=1e4)
+    bma = predict(model, [{"input_ids": ids, "labels": labels}], post, 2, task="causal_lm", keep_samples=True)
+    assert bma.log_probs.shape == (9, 12) and bma.sample_log_probs.shape == (2, 9, 12)
+    seen = []
+    none = predict(model, [{"input_ids": ids}], post, 2, task="causal_lm", keep=False,
+                   on_batch=lambda lp, y, st: seen.append((lp.shape, y.shape)))
+    assert len(none) == 0 and seen == [((10, 12), (10,))]

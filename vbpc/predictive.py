@@ -43,6 +43,7 @@ from .posterior import GaussianPosterior
 
 __all__ = [
     "Draw",
+    "Task",
     "Predictions",
     "Vectorize",
     "log_mean_exp",
@@ -58,6 +59,14 @@ class Vectorize(str, enum.Enum):
     AUTO = "auto"
     VMAP = "vmap"
     LOOP = "loop"
+
+
+class Task(str, enum.Enum):
+    """What the model predicts: ``"classification"`` (``(B, C)`` logits) or ``"causal_lm"``
+    (``(B, T, V)`` logits; position t predicts token t+1, ALGORITHMS.md §9 token-level)."""
+
+    CLASSIFICATION = "classification"
+    CAUSAL_LM = "causal_lm"
 
 
 class Draw(str, enum.Enum):
@@ -92,6 +101,30 @@ def _split_batch(batch: Any) -> tuple[Any, Optional[Tensor]]:
             raise ValueError("empty batch")
         return batch[0], (batch[1] if len(batch) > 1 else None)
     return batch, None
+
+
+def _lm_tokens(logp: Tensor, stack: Optional[Tensor], inputs: Any, labels: Optional[Tensor],
+               ignore_index: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Causal shift and masking: ``(B, T, V)`` predictions → the kept tokens ``(N_tok, V)``.
+
+    Targets are ``labels`` (default ``input_ids``) shifted left by one; targets equal to
+    ``ignore_index`` or whose ``attention_mask`` is 0 are dropped (§9 token-level calibration)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    target = labels if labels is not None else ids
+    if not isinstance(target, Tensor) or target.dim() != 2:
+        raise ValueError("task='causal_lm' needs (B, T) labels or input_ids")
+    if logp.dim() != 3 or logp.shape[:2] != target.shape:
+        raise ValueError(f"causal LM logits {tuple(logp.shape)} do not match labels {tuple(target.shape)} as (B, T, V)")
+    tgt = target[:, 1:].to(logp.device)
+    keep = tgt != ignore_index
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if mask is not None:
+        keep = keep & (mask[:, 1:].to(keep.device) != 0)
+    flat = keep.reshape(-1)
+    V = logp.shape[-1]
+    lp = logp[:, :-1].reshape(-1, V)[flat]
+    st = None if stack is None else stack[:, :, :-1].reshape(stack.shape[0], -1, V)[:, flat]
+    return lp, tgt.reshape(-1)[flat], st
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -269,6 +302,9 @@ def predict(
     vectorize: Union[str, Vectorize] = "auto",
     chunk_size: Optional[int] = None,
     keep_samples: bool = False,
+    task: Union[str, Task] = "classification",
+    ignore_index: int = -100,
+    keep: bool = True,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
     desc: str = "predict",
@@ -287,6 +323,10 @@ def predict(
         vectorize: ``"auto"``, ``"vmap"`` or ``"loop"``; ``chunk_size`` bounds vmap's memory
             (samples evaluated at once).
         keep_samples: also return the ``(S, N, C)`` per-sample stack (for entropy/MI metrics).
+        task: ``"classification"`` or ``"causal_lm"``: for an LM every kept token is one example
+            (``N`` = tokens after the causal shift, dropping ``ignore_index`` targets and padding),
+            so the classification metrics become the token-level ones of §9.
+        keep: collect ``log_probs`` (set False with ``on_batch`` to stream a large vocabulary).
         progress: a tqdm bar.
         on_batch: ``f(log_p̄, labels, sample_stack)`` per batch, for streaming metrics without
             keeping everything (the return value then still holds ``log_probs``).
@@ -302,6 +342,7 @@ def predict(
     if posterior is None and n_samples > 0:
         raise ValueError("n_samples > 0 needs a posterior to sample from")
     draw_mode = _enum(Draw, draw, "draw")
+    lm = _enum(Task, task, "task") is Task.CAUSAL_LM
     mode = _enum(Vectorize, vectorize, "vectorize")
     dev = torch.device(device) if device is not None else _device(model)
     sampler = _Sampler(posterior, n_samples, draw_mode, generator, dev) if posterior is not None and n_samples else None
@@ -309,10 +350,12 @@ def predict(
     was = model.training
     model.eval()
     outs, labels, stacks = [], [], []
+    seen = 0
     try:
         for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
             inputs, y = _split_batch(batch)
             inputs = _to(inputs, dev)
+            seen += 1
             if sampler is None:
                 stack = None
                 logp = F.log_softmax(_call(model, inputs).float(), -1)
@@ -320,16 +363,21 @@ def predict(
                 sampler.start()
                 stack = F.log_softmax(_stack(model, inputs, sampler, mode, chunk_size, state).float(), -1)
                 logp = log_mean_exp(stack, 0)
+            if lm:
+                logp, y, stack = _lm_tokens(logp, stack, inputs, y, ignore_index)
             if on_batch is not None:
                 on_batch(logp, y, stack)
-            outs.append(logp.cpu())
-            if y is not None:
+            if keep:
+                outs.append(logp.cpu())
+            if y is not None and keep:
                 labels.append(y.cpu())
             if keep_samples and stack is not None:
                 stacks.append(stack.cpu())
     finally:
         model.train(was)
-    if not outs:
+    if not seen:
         raise ValueError("predict: the data yielded no batch")
+    if not outs:
+        return Predictions(torch.empty(0), None, None)
     return Predictions(torch.cat(outs), torch.cat(labels) if labels else None,
                        torch.cat(stacks, dim=1) if stacks else None)
