@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 import vbpc
+from vbpc.io import atomic_write_text
 
 try:
     import ivon as ivon_ref  # optional GPL oracle, used only as a baseline here
@@ -242,14 +241,7 @@ def to_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+atomic_write = atomic_write_text  # the benchmarks write their results atomically (vbpc.io)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,10 +425,10 @@ class DiagonalGaussian(GaussianPosterior):
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         out = {}
         for e in self._entries:
+            std = gaussian_noise_([torch.ones_like(e.hess)], [e.hess], e.ess, e.weight_decay, foreach=False)[0]
             z = torch.randn((n, *e.hess.shape), dtype=e.hess.dtype, device=e.hess.device, generator=generator)
-            gaussian_noise_([z], [e.hess], e.ess, e.weight_decay, foreach=False)
             dtype = torch.promote_types(e.mean.dtype, z.dtype)
-            out[e.name] = z.to(dtype).add_(e.mean.to(dtype))
+            out[e.name] = torch.addcmul(e.mean.to(dtype), z, std.to(dtype))  # one pass over the n samples
         return out
 
     # ------------------------------------------------------------------ densities
