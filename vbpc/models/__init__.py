@@ -3,6 +3,7 @@ and a classifier on any local Hugging Face encoder (the pretrained MiniLM)."""
 
 from .lenet import LeNet5
 from .mlp import MLP
+from .registry import build_model, register_model
 from .resnet import Norm, ResNet20, resnet20
 from .text import EncoderClassifier, causal_lm_loss, char_gpt2, minilm_classifier, minilm_path
 from .vision import adapt_classifier, torchvision_classifier
@@ -20,4 +21,6 @@ __all__ = [
     "EncoderClassifier",
     "minilm_classifier",
     "minilm_path",
+    "build_model",
+    "register_model",
 ]
