@@ -47,7 +47,11 @@ from .vision import (
     load_mnist,
 )
 
+from .registry import DATASETS, load_dataset
+
 __all__ = [
+    "DATASETS",
+    "load_dataset",
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
