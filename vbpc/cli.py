@@ -7,7 +7,9 @@ Subcommands grow with the toolkit; today:
   Bayesian-model-averaged test accuracy and NLL (the README quick start);
 * ``vbpc cnn``: LeNet-5 / ResNet-20 on Fashion-MNIST with IVON, AdamW and Pyro Bayes-by-backprop;
 * ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
-* ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task.
+* ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
+* ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
+  table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
 
 Each training command is a recipe in :mod:`vbpc.recipes` (``add_arguments`` + ``run``); the
 scripts in ``examples/`` call the same code.
@@ -19,7 +21,8 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .version import __version__
 
@@ -43,6 +46,47 @@ def _info(args: argparse.Namespace) -> int:
         report["fashion_mnist"] = f"missing ({type(exc).__name__})"
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .data import load_dataset, make_loader
+    from .evaluation import evaluate_uncertainty, write_report
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ck = load(args.checkpoint, device=device)
+    assert ck.model is not None
+    data = make_loader(load_dataset(args.data, args.root), args.batch_size, device=device)
+    ood = make_loader(load_dataset(args.ood, args.root), args.batch_size, device=device) if args.ood else None
+    report = evaluate_uncertainty(ck.model, data, ck.posterior, args.samples, ood_data=ood, label=args.label,
+                                  score=args.score, n_bins=args.bins, n_boot=args.n_boot, seed=args.seed,
+                                  progress=not args.no_progress)
+    paths = write_report(report, args.out)
+    print((Path(paths["markdown"])).read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="uncertainty report of a checkpoint (metrics + CIs, table, plots)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a vbpc.checkpoint .safetensors file with a model spec")
+    p.add_argument("--data", default="fashion_mnist:test", help="in-domain dataset (vbpc.data.load_dataset name)")
+    p.add_argument("--ood", default=None, help="OOD dataset, e.g. digits")
+    p.add_argument("--samples", type=int, default=32, help="posterior samples for BMA (0: mean weights)")
+    p.add_argument("--score", default="max_prob", choices=["max_prob", "entropy", "mi"])
+    p.add_argument("--bins", type=int, default=15)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--label", default="model")
+    p.add_argument("--root", default=None, help="dataset root directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="vbpc-report")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
 
 
 #: subcommand -> (recipe module, help)
@@ -74,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _recipe(module).add_arguments(p)
         p.set_defaults(func=_run_recipe, recipe=module)
+    _add_evaluate(sub)
     return ap
 
 
