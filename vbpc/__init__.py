@@ -1,6 +1,6 @@
 """vbpc: variational Bayesian deep learning with posterior correction, for PyTorch."""
 
-from . import nn
+from . import checkpoint, metrics, nn, predictive
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
@@ -26,6 +26,9 @@ __all__ = [
     "to_pyro_guide",
     "to_pyro_model",
     "nn",
+    "checkpoint",
+    "metrics",
+    "predictive",
     "DiagonalGaussian",
     "IsotropicGaussian",
     "FullGaussian",

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import vbpc
 from vbpc.data import load_corpus_task
 from vbpc.data.loading import seed_everything
+from vbpc.metrics import accuracy, nll, ood_metrics
 from vbpc.models import minilm_classifier
 
 
@@ -72,12 +73,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     return run(parse_args(argv))
 
 
-def auroc(s_in: Tensor, s_out: Tensor) -> float:
-    r"""AUROC with in-domain positive, ties counted ½ (ALGORITHMS.md §9)."""
-    d = s_in.double().unsqueeze(1) - s_out.double().unsqueeze(0)
-    return float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
-
-
 @torch.no_grad()
 def predict(model: nn.Module, batches: list[dict[str, Tensor]], posterior: Optional[vbpc.GaussianPosterior] = None,
             n_samples: int = 0) -> Tensor:
@@ -101,11 +96,6 @@ def predict(model: nn.Module, batches: list[dict[str, Tensor]], posterior: Optio
 def _batches(tok: Any, texts: list[str], bs: int, max_length: int) -> list[dict[str, Tensor]]:
     return [dict(tok(texts[i:i + bs], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
             for i in range(0, len(texts), bs)]
-
-
-def _scores(probs: Tensor, y: Tensor) -> dict[str, float]:
-    return {"accuracy": float((probs.argmax(-1) == y).double().mean()),
-            "nll": float(-probs.gather(1, y.unsqueeze(1)).clamp_min(1e-300).log().mean())}
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -166,8 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             variants.append(("bma", opt.posterior(model), args.test_samples))  # type: ignore[attr-defined]
         for tag, post, s in variants:
             p_in, p_out = predict(model, test_b, post, s), predict(model, ood_b, post, s)
-            res.update({f"{tag}_{k}": v for k, v in _scores(p_in, test_y).items()})
-            res[f"{tag}_ood_auroc"] = auroc(p_in.max(-1).values, p_out.max(-1).values)
+            res.update({f"{tag}_accuracy": accuracy(p_in, test_y), f"{tag}_nll": nll(p_in, test_y),
+                        f"{tag}_ood_auroc": ood_metrics(p_in, p_out)["auroc"]})
         results[method] = res
     print(f"\n{'method':<8}{'train s':>9}  {'variant':<8}{'accuracy':>10}{'NLL':>9}{'OOD AUROC':>11}")
     for method, r in results.items():
