@@ -36,3 +36,13 @@ def test_step_overhead_writes_results(tmp_path):
     r = report["results"][0]
     assert r["model"] == "mlp" and r["ratios"]["whole_vbpc/adamw"] > 0
     assert r["state_bytes_per_param"]["ivon"] == 8.0  # momentum + h in fp32 (the mean is the parameter)
+
+
+def test_bma_speed_writes_results(tmp_path):
+    import bma_speed
+
+    assert bma_speed.main(["--models", "mlp", "--batches", "16", "--samples", "2", "--rounds", "1",
+                           "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bma_speed.json").read_text())["results"][0]
+    assert r["model"] == "mlp" and r["samples"] == 2 and r["ratios"]["vmap/(S*forward)"] > 0
+    assert (tmp_path / "bma_speed.md").read_text().startswith("| model |")
