@@ -82,11 +82,16 @@ class Checkpoint:
     posterior: Optional[GaussianPosterior]
     spec: Optional[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def save(path: PathLike, model: nn.Module, posterior: Optional[GaussianPosterior] = None, *,
-         spec: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Write ``model``'s state, ``posterior`` and metadata to ``path`` (safetensors, atomically)."""
+         spec: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
+         state: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``model``'s state, ``posterior`` and metadata to ``path`` (safetensors, atomically).
+
+    ``state`` holds further nested tensor states (optimizer, scheduler, RNG: what resuming needs);
+    ``extra`` plain JSON."""
     if spec is not None and "name" not in spec:
         raise ValueError("spec must be {'name': <vbpc.models.build_model name>, 'kwargs': {...}}")
     tensors: dict[str, Tensor] = {}
@@ -96,6 +101,7 @@ def save(path: PathLike, model: nn.Module, posterior: Optional[GaussianPosterior
         "posterior": None if posterior is None else flatten_state(posterior.state_dict(), "posterior", tensors),
         "spec": dict(spec) if spec is not None else None,
         "extra": dict(extra or {}),
+        "state": flatten_state(dict(state or {}), "state", tensors),
     }
     meta = {"vbpc": json.dumps(skeleton)}
     with atomic_path(path) as tmp:
@@ -135,4 +141,5 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
     posterior = None
     if skeleton.get("posterior") is not None:
         posterior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["posterior"], tensors), model)
-    return Checkpoint(model, posterior, spec, skeleton.get("extra", {}))
+    state = unflatten_state(skeleton["state"], tensors) if skeleton.get("state") is not None else {}
+    return Checkpoint(model, posterior, spec, skeleton.get("extra", {}), state)

@@ -8,6 +8,7 @@ Subcommands grow with the toolkit; today:
 * ``vbpc cnn``: LeNet-5 / ResNet-20 on Fashion-MNIST with IVON, AdamW and Pyro Bayes-by-backprop;
 * ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
 * ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
+* ``vbpc train CONFIG [--set key=value] [--resume]``: :func:`vbpc.workflows.train`;
 * ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
   table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
 
@@ -69,6 +70,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .workflows import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config (checkpoints, --resume, metrics log, curves)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/*.yaml); default: defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set learner.lr=0.3 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from <run.out>/checkpoint.safetensors")
+    p.set_defaults(func=_train)
+
+
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="uncertainty report of a checkpoint (metrics + CIs, table, plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -118,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _recipe(module).add_arguments(p)
         p.set_defaults(func=_run_recipe, recipe=module)
+    _add_train(sub)
     _add_evaluate(sub)
     return ap
 

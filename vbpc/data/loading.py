@@ -86,7 +86,7 @@ def make_loader(
         batched: force batch indexing on or off.
 
     Without ``generator`` or ``seed`` the shuffling uses torch's global RNG (reproducible under
-    :func:`seed_everything`).
+    :func:`seed_everything`); otherwise iterating the loader leaves the global RNG untouched.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,7 +100,10 @@ def make_loader(
         batched = isinstance(dataset, TensorDataset) or bool(getattr(dataset, "batch_indexable", False))
     pin = device is not None and torch.device(device).type == "cuda"
     base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    extra: dict[str, Any] = {}
+    # Without workers the loader's base seed is unused, but drawing it would consume torch's global
+    # RNG at every epoch (``iter(loader)``); a private generator keeps iteration RNG-neutral, so a
+    # resumed run that re-creates its loaders stays bitwise equal to an uninterrupted one.
+    extra: dict[str, Any] = {"generator": torch.Generator()}
     if num_workers > 0:
         worker_gen = None
         if generator is not None:  # a copy: drawing worker seeds must not shift the shuffling

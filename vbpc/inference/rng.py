@@ -59,3 +59,31 @@ def restore_rng(state: RNGState, generators: tuple[torch.Generator, ...] = ()) -
         random.setstate(state.python)
     for g, s in zip(generators, state.extra):
         g.set_state(s)
+
+
+def rng_state_dict(state: Optional[RNGState] = None) -> dict[str, Any]:
+    """A serialisable form (tensors, ints, lists) of ``state`` (default: the current global states),
+    for checkpoints (:mod:`vbpc.checkpoint`); :func:`rng_from_state_dict` inverts it."""
+    s = capture_rng() if state is None else state
+    out: dict[str, Any] = {"torch_cpu": s.torch_cpu.clone(), "torch_cuda": [t.clone() for t in s.torch_cuda],
+                           "extra": [t.clone() for t in s.extra]}
+    if s.numpy is not None:
+        kind, keys, pos, has_gauss, cached = s.numpy
+        out["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    if s.python is not None:
+        version, internal, gauss = s.python
+        out["python"] = {"version": int(version), "internal": [int(v) for v in internal], "gauss": gauss}
+    return out
+
+
+def rng_from_state_dict(state: dict[str, Any]) -> RNGState:
+    """Inverse of :func:`rng_state_dict`."""
+    numpy_state = None
+    if state.get("numpy") is not None and np is not None:
+        n = state["numpy"]
+        numpy_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    py = state.get("python")
+    python_state = None if py is None else (py["version"], tuple(py["internal"]), py["gauss"])
+    return RNGState(torch_cpu=state["torch_cpu"].to(torch.uint8), torch_cuda=list(state.get("torch_cuda", [])),
+                    numpy=numpy_state, python=python_state, extra=list(state.get("extra", [])))

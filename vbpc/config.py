@@ -1,0 +1,198 @@
+"""Typed run configurations: YAML files plus ``--set key=value`` overrides, validated strictly.
+
+An unknown key gets an error that suggests the nearest valid one; a value of the wrong type gets an
+error naming the key, the expected type and the value.  ``TrainConfig`` is what ``vbpc train``
+runs (see ``examples/configs/*.yaml``)::
+
+    cfg = load_config("examples/configs/fmnist_ivon.yaml", ["learner.lr=0.3", "schedule.epochs=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "from_dict", "load_config", "to_dict"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ConfigError(ValueError):
+    """A configuration that names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  #: a vbpc.models.build_model name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  #: a vbpc.data.load_dataset name (train split for training)
+    batch_size: int = 128
+    train_size: Optional[int] = None  #: first N training examples (None: all)
+    test_batch_size: int = 1000
+    root: Optional[str] = None
+
+
+@dataclass
+class LearnerConfig:
+    name: str = "ivon"  #: adamw, sgd, ivon, ivon-poco, ivon-pocomo, svrg, alpha-svrg
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    kwargs: dict[str, Any] = field(default_factory=dict)  #: further constructor arguments
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 2
+    scheduler: str = "cosine"  #: cosine or constant
+    warmup_steps: int = 0
+
+
+@dataclass
+class AnchorConfig:
+    period: Optional[int] = None  #: steps between refreshes (None: one epoch)
+    megabatch_size: Optional[int] = None  #: examples per refresh (None: the whole training set)
+    alpha: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    test_samples: int = 16  #: posterior samples for the BMA of the final evaluation
+    ood: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str = "runs/vbpc"
+    checkpoint_every: int = 200  #: steps between checkpoints (and at every epoch end)
+    log_every: int = 20
+    progress: bool = True
+    max_steps: Optional[int] = None  #: stop early (e.g. to test resuming)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls: Any, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _fields(cls).items():
+        key = f"{prefix}{name}"
+        out.append(key)
+        if dataclasses.is_dataclass(tp):
+            out += _all_keys(tp, key + ".")
+    return out
+
+
+def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: str = "") -> Any:
+    """Build ``cls`` from nested dicts, validating every key and type."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(full, _all_keys(TrainConfig), n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = fields[key]
+        kwargs[key] = from_dict(value, tp, full + ".") if dataclasses.is_dataclass(tp) else _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides (values are
+    parsed as YAML: ``learner.lr=0.3``, ``model.kwargs={hidden: [64]}``, ``eval.ood=null``)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the config must be a mapping at the top level")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    return from_dict(tree)

@@ -1,0 +1,197 @@
+"""``vbpc train``: variational (or baseline) training from a :class:`~vbpc.config.TrainConfig`,
+with checkpoints that resume bit for bit.
+
+Every ``run.checkpoint_every`` steps and at each epoch end the run writes
+``<run.out>/checkpoint.safetensors`` atomically (:mod:`vbpc.checkpoint`): the model, the learner's
+``state_dict`` (step counters, IVON state, the PoCo anchor with its generator), the LR
+scheduler, every global RNG state, the step and the config.  ``resume=True`` restores all of it
+and skips the batches already seen (the data order of epoch ``e`` is a function of
+``run.seed + e``), so a resumed run equals an uninterrupted one bitwise.  A JSONL metrics log
+(``metrics.jsonl``) and loss curves (``curves.png``) are written next to it; a summary is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..config import TrainConfig, to_dict
+from ..data import load_dataset, make_loader
+from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
+from ..io import atomic_write_text
+from ..models import build_model
+from ..training import evaluate
+
+__all__ = ["LEARNERS", "build_learner", "train"]
+
+LEARNERS = ("adamw", "sgd", "ivon", "ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
+CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
+
+
+def build_learner(cfg: TrainConfig, model: nn.Module, n_train: int, steps_per_epoch: int) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.learner`` over ``model``'s trainable parameters (``ess`` = the
+    training-set size, the anchor period one epoch unless set)."""
+    import vbpc
+
+    lc, name = cfg.learner, cfg.learner.name
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total = cfg.schedule.epochs * steps_per_epoch
+    poco = dict(anchor_period=cfg.anchor.period or steps_per_epoch, megabatch_size=cfg.anchor.megabatch_size)
+    kw = dict(lc.kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW([p for _, p in params], lr=lc.lr, weight_decay=lc.weight_decay, **kw)
+    if name == "sgd":
+        return torch.optim.SGD([p for _, p in params], lr=lc.lr, weight_decay=lc.weight_decay,
+                               momentum=kw.pop("momentum", 0.9), **kw)
+    if name == "ivon":
+        return vbpc.IVON(params, lr=lc.lr, ess=kw.pop("ess", n_train), weight_decay=lc.weight_decay, model=model, **kw)
+    if name in ("ivon-poco", "ivon-pocomo"):
+        cls = vbpc.IVONPoCo if name == "ivon-poco" else vbpc.IVONPoCoMo
+        return cls(params, lr=lc.lr, ess=kw.pop("ess", n_train), weight_decay=lc.weight_decay, alpha=cfg.anchor.alpha,
+                   total_steps=total, model=model, **poco, **kw)
+    if name == "svrg":
+        return vbpc.SVRG(params, lr=lc.lr, weight_decay=lc.weight_decay, model=model, **poco, **kw)
+    if name == "alpha-svrg":
+        return vbpc.AlphaSVRG(params, lr=lc.lr, weight_decay=lc.weight_decay, alpha=cfg.anchor.alpha,
+                              total_steps=total, model=model, **poco, **kw)
+    raise ValueError(f"unknown learner {name!r}; expected one of {LEARNERS}")
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, kind = cfg.schedule.warmup_steps, cfg.schedule.scheduler
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"schedule.scheduler must be 'cosine' or 'constant', got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _posterior(opt: torch.optim.Optimizer, model: nn.Module) -> Any:
+    return opt.posterior(model) if hasattr(opt, "posterior") and not hasattr(opt, "sigma") else None
+
+
+def _save(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
+    extra = {"config": to_dict(cfg), "step": step, "learner": cfg.learner.name}
+    tensors_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state_dict()}
+    ckpt.save(path, model, _posterior(opt, model), spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+              extra=extra, state=tensors_state)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; with ``resume`` continue from ``<run.out>/checkpoint.safetensors``.  Returns the summary."""
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "checkpoint.safetensors"
+    torch.manual_seed(cfg.run.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_dataset(f"{cfg.data.name}:train", cfg.data.root)
+    if cfg.data.train_size:
+        data = torch.utils.data.TensorDataset(*(t[: cfg.data.train_size] for t in data.tensors))
+    n = len(data)
+    spe = math.ceil(n / cfg.data.batch_size)
+    total = cfg.schedule.epochs * spe
+    model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
+    opt = build_learner(cfg, model, n, spe)
+    sched = _scheduler(cfg, opt, total)
+    step = 0
+    log_path = out / "metrics.jsonl"
+    if resume:
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        loaded = ckpt.load(path, model, device=device)
+        extra = loaded.extra
+        if extra.get("learner") != cfg.learner.name:
+            raise ValueError(f"--resume: the checkpoint was written by learner {extra.get('learner')!r}, "
+                             f"the config asks for {cfg.learner.name!r}")
+        opt.load_state_dict(loaded.state["optimizer"])
+        sched.load_state_dict(loaded.state["scheduler"])
+        restore_rng(rng_from_state_dict(loaded.state["rng"]))
+        step = int(extra["step"])
+    elif log_path.exists():
+        log_path.unlink()
+    log = log_path.open("a", encoding="utf-8")
+    corrected = cfg.learner.name in CORRECTED
+    mega = make_loader(data, cfg.data.test_batch_size) if corrected else None
+    loss_fn = (lambda b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))) if corrected else None
+    t0 = time.perf_counter()
+    stop = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
+    bar = tqdm(total=stop, initial=step, desc=f"train {cfg.learner.name}", disable=not cfg.run.progress,
+               dynamic_ncols=True)
+    last_loss = float("nan")
+    model.train()
+    while step < stop:
+        epoch, skip = divmod(step, spe)
+        loader = make_loader(data, cfg.data.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue
+            if step >= stop:
+                break
+            x, y = x.to(device), y.to(device)
+            if corrected and getattr(opt, "refresh_due", False):
+                opt.refresh(loss_fn, mega, model=model, progress=False)
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            out_loss = opt.step(closure, batch_size=len(y)) if corrected else opt.step(closure)
+            sched.step()
+            step += 1
+            last_loss = float(torch.as_tensor(out_loss).detach())
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"non-finite training loss {last_loss} at step {step}")
+            bar.update(1)
+            if step % cfg.run.log_every == 0:
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss,
+                                      "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if step % cfg.run.checkpoint_every == 0 or step % spe == 0 or step == stop:
+                _save(path, cfg, model, opt, sched, step)
+    bar.close()
+    log.close()
+    summary: dict[str, Any] = {"step": step, "total_steps": total, "loss": last_loss,
+                               "seconds": time.perf_counter() - t0, "checkpoint": str(path)}
+    if step >= total:
+        test = make_loader(load_dataset(f"{cfg.data.name}:test", cfg.data.root), cfg.data.test_batch_size)
+        summary["test"] = evaluate(model, test)
+        post = _posterior(opt, model)
+        if post is not None and cfg.eval.test_samples > 0:
+            summary["test_bma"] = evaluate(model, test, post, cfg.eval.test_samples)
+        _curves(log_path, out / "curves.png")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _curves(log_path: Path, png: Path) -> None:
+    """Training loss vs step from the JSONL log."""
+    from ..evaluation.plots import plt, save_figure
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (sampled weights)")
+    fig.tight_layout()
+    save_figure(fig, png)
