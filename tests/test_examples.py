@@ -19,7 +19,7 @@ def finite(d: dict) -> bool:
 def test_fmnist_cnn_all_three_methods(capsys):
     from vbpc.recipes.fmnist_cnn import main
 
-    res = main(["--epochs", "1", "--train-size", "3000", "--test-samples", "2", "--no-progress"])
+    res = main(["--epochs", "1", "--train-size", "6000", "--test-samples", "2", "--no-progress"])
     assert set(res) == {"ivon", "adamw", "bbb"}
     for method, r in res.items():
         assert finite(r), (method, r)
