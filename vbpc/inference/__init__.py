@@ -2,9 +2,10 @@
 
 from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
+from .merge import merge_posteriors, task_arithmetic
 from .poco import SVRG, VSGD, AlphaSVRG, Anchor, VSGDPoCo
 from .svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
 from .von import VON, VONPoCo
 
 __all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "VON", "VONPoCo",
-           "BayesByBackprop", "to_pyro", "to_pyro_guide", "to_pyro_model"]
+           "BayesByBackprop", "to_pyro", "to_pyro_guide", "to_pyro_model", "merge_posteriors", "task_arithmetic"]
