@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,7 +48,9 @@ def test_kill_and_resume_is_bitwise(tmp_path, learner, extra):
     m2, o2 = state_of(tmp_path / "resumed" / "checkpoint.safetensors")
     assert same(m1, m2) and same(o1, o2)
     assert resumed["test"] == full["test"] and resumed["test_bma"] == full["test_bma"]
-    assert (tmp_path / "full" / "curves.png").exists() and (tmp_path / "full" / "metrics.jsonl").exists()
+    assert (tmp_path / "full" / "curves.png").exists()
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "test_accuracy" in r] == [1, 2] and sum("loss" in r for r in rows) == 6
 
 
 def test_killed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

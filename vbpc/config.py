@@ -69,6 +69,7 @@ class AnchorConfig:
 class EvalConfig:
     test_samples: int = 16  #: posterior samples for the BMA of the final evaluation
     ood: Optional[str] = None
+    every_epoch: bool = True  #: log test accuracy/NLL at the mean weights after every epoch
 
 
 @dataclass

@@ -128,6 +128,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     corrected = cfg.learner.name in CORRECTED
     mega = make_loader(data, cfg.data.test_batch_size) if corrected else None
     loss_fn = (lambda b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))) if corrected else None
+    test_cache: list = []
+
+    def test_loader() -> Any:
+        if not test_cache:
+            test_cache.append(make_loader(load_dataset(f"{cfg.data.name}:test", cfg.data.root),
+                                          cfg.data.test_batch_size))
+        return test_cache[0]
+
     t0 = time.perf_counter()
     stop = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
     bar = tqdm(total=stop, initial=step, desc=f"train {cfg.learner.name}", disable=not cfg.run.progress,
@@ -165,6 +173,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                                       "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}")
+            if step % spe == 0 and cfg.eval.every_epoch:  # RNG-free: the mean weights, no sampling
+                ev = evaluate(model, test_loader())
+                model.train()
+                log.write(json.dumps({"step": step, "epoch": step // spe, "test_accuracy": ev["accuracy"],
+                                      "test_nll": ev["nll"], "seconds": time.perf_counter() - t0}) + "\n")
+                log.flush()
             if step % cfg.run.checkpoint_every == 0 or step % spe == 0 or step == stop:
                 _save(path, cfg, model, opt, sched, step)
     bar.close()
@@ -172,7 +186,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"step": step, "total_steps": total, "loss": last_loss,
                                "seconds": time.perf_counter() - t0, "checkpoint": str(path)}
     if step >= total:
-        test = make_loader(load_dataset(f"{cfg.data.name}:test", cfg.data.root), cfg.data.test_batch_size)
+        test = test_loader()
         summary["test"] = evaluate(model, test)
         post = _posterior(opt, model)
         if post is not None and cfg.eval.test_samples > 0:
@@ -183,15 +197,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
 
 def _curves(log_path: Path, png: Path) -> None:
-    """Training loss vs step from the JSONL log."""
+    """Training loss vs step and (if logged) test accuracy vs epoch, from the JSONL log."""
     from ..evaluation.plots import plt, save_figure
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    if not rows:
+    loss = [r for r in rows if "loss" in r]
+    test = [r for r in rows if "test_accuracy" in r]
+    if not loss and not test:
         return
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (sampled weights)")
+    fig, axes = plt.subplots(1, 2 if test else 1, figsize=(9 if test else 5, 3), squeeze=False)
+    axes[0, 0].plot([r["step"] for r in loss], [r["loss"] for r in loss])
+    axes[0, 0].set_xlabel("step")
+    axes[0, 0].set_ylabel("training loss (sampled weights)")
+    if test:
+        axes[0, 1].plot([r["epoch"] for r in test], [r["test_accuracy"] for r in test], marker="o")
+        axes[0, 1].set_xlabel("epoch")
+        axes[0, 1].set_ylabel("test accuracy (mean weights)")
     fig.tight_layout()
     save_figure(fig, png)
