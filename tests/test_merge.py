@@ -72,3 +72,33 @@ def test_merged_posterior_samples_into_a_model():
     assert out.shape == (4, 2)
     for n in merged.names:  # 10 + (20 - 10) * 2
         torch.testing.assert_close(merged.precision[n], torch.full_like(merged.precision[n], 30.0))
+
+
+def test_cli_merge_checkpoints(tmp_path, capsys):
+    from vbpc import checkpoint
+    from vbpc.cli import main as cli
+    from vbpc.models import MLP
+
+    spec = {"name": "mlp", "kwargs": {"in_features": 4, "hidden": [3], "out_features": 2}}
+    paths = []
+    for i, prec in enumerate((10.0, 20.0, 40.0)):
+        torch.manual_seed(i)
+        net = MLP(4, (3,), 2)
+        checkpoint.save(tmp_path / f"m{i}.safetensors", net, DiagonalGaussian.from_module(net, precision=prec),
+                        spec=spec)
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    assert cli(["merge", *paths, "--out", str(out)]) == 0
+    assert "merged 2 posteriors" in capsys.readouterr().out
+    ck = checkpoint.load(out)
+    base, t1, t2 = (checkpoint.load(p) for p in paths)
+    expect = merge_posteriors(base.posterior, [t1.posterior, t2.posterior])
+    for n, p in ck.model.named_parameters():
+        torch.testing.assert_close(p.double(), expect.mean[n].double(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ck.posterior.precision[n], torch.full_like(p, 10.0 + 10.0 + 30.0))
+    other = tmp_path / "other.safetensors"
+    net = MLP(4, (5,), 2)
+    checkpoint.save(other, net, DiagonalGaussian.from_module(net, precision=1.0),
+                    spec={"name": "mlp", "kwargs": {"in_features": 4, "hidden": [5], "out_features": 2}})
+    with pytest.raises(StateDictMismatchError, match="one architecture"):
+        cli(["merge", paths[0], str(other)])

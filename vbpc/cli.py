@@ -9,6 +9,7 @@ Subcommands grow with the toolkit; today:
 * ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
 * ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
 * ``vbpc train CONFIG [--set key=value] [--resume]``: :func:`vbpc.workflows.train`;
+* ``vbpc merge BASE CK1 CK2 ...``: precision-weighted merging of posteriors (eq. 31);
 * ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
   table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
 
@@ -90,6 +91,44 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(func=_train)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import checkpoint
+    from .inference.merge import merge_posteriors
+
+    base = checkpoint.load(args.base)
+    if base.posterior is None:
+        raise SystemExit(f"vbpc merge: {args.base} holds no posterior (the common prior of the tasks)")
+    tuned = []
+    for path in args.finetuned:
+        ck = checkpoint.load(path, None if base.spec is not None else base.model)
+        if ck.posterior is None:
+            raise SystemExit(f"vbpc merge: {path} holds no posterior")
+        tuned.append(ck.posterior)
+    merged = merge_posteriors(base.posterior, tuned, weights=args.weights)  # type: ignore[arg-type]
+    model = base.model
+    assert model is not None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mean in merged.mean.items():
+            params[name].copy_(mean)
+    checkpoint.save(args.out, model, merged.bind(model), spec=base.spec,
+                    extra={"merged_from": [str(args.base), *map(str, args.finetuned)], "weights": args.weights})
+    print(f"merged {len(tuned)} posteriors over {merged.numel():,} parameters ({args.weights}) -> {args.out}")
+    return 0
+
+
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="merge fine-tuned posteriors that share a base posterior (eq. 31)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("base", help="checkpoint with the base (prior) posterior")
+    p.add_argument("finetuned", nargs="+", help="checkpoints of the fine-tuned posteriors (same architecture)")
+    p.add_argument("--weights", default="precision", choices=["precision", "hessian", "average"])
+    p.add_argument("--out", default="merged.safetensors")
+    p.set_defaults(func=_merge)
+
+
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="uncertainty report of a checkpoint (metrics + CIs, table, plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_run_recipe, recipe=module)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_merge(sub)
     return ap
 
 
