@@ -117,3 +117,13 @@ def test_cli_train_quick_config_then_evaluate(tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").exists()
     with pytest.raises(ConfigError, match="did you mean"):
         cli(["train", str(config_path), "--set", "learner.lrr=1"])
+
+
+def test_bbb_learner_runs_and_refuses_resume(tmp_path):
+    cfg = config(tmp_path, "bbb", "bbb", ["learner.lr=0.003", "schedule.epochs=1"])
+    summary = train(cfg)
+    assert summary["step"] == 6 and 0.0 <= summary["test_bma"]["accuracy"] <= 1.0
+    ck = checkpoint.load(tmp_path / "bbb" / "checkpoint.safetensors")
+    assert ck.extra["learner"] == "bbb" and ck.posterior is not None
+    with pytest.raises(ValueError, match="not supported for learner 'bbb'"):
+        train(cfg, resume=True)

@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class LearnerConfig:
-    name: str = "ivon"  #: adamw, sgd, ivon, ivon-poco, ivon-pocomo, svrg, alpha-svrg
+    name: str = "ivon"  #: adamw, sgd, ivon, ivon-poco, ivon-pocomo, svrg, alpha-svrg, bbb
     lr: float = 0.1
     weight_decay: float = 1e-4
     kwargs: dict[str, Any] = field(default_factory=dict)  #: further constructor arguments

@@ -33,7 +33,7 @@ from ..training import evaluate
 
 __all__ = ["LEARNERS", "build_learner", "train"]
 
-LEARNERS = ("adamw", "sgd", "ivon", "ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
+LEARNERS = ("adamw", "sgd", "ivon", "ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg", "bbb")
 CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
 
 
@@ -63,7 +63,7 @@ def build_learner(cfg: TrainConfig, model: nn.Module, n_train: int, steps_per_ep
     if name == "alpha-svrg":
         return vbpc.AlphaSVRG(params, lr=lc.lr, weight_decay=lc.weight_decay, alpha=cfg.anchor.alpha,
                               total_steps=total, model=model, **poco, **kw)
-    raise ValueError(f"unknown learner {name!r}; expected one of {LEARNERS}")
+    raise ValueError(f"unknown learner {name!r}; expected one of {LEARNERS} ('bbb' runs through Pyro SVI in train())")
 
 
 def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -92,6 +92,42 @@ def _save(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optim
               extra=extra, state=tensors_state)
 
 
+def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path,
+               resume: bool) -> dict[str, Any]:
+    """Bayes-by-backprop through Pyro SVI (:class:`vbpc.inference.svi.BayesByBackprop`): constant LR,
+    a checkpoint (posterior mean in the model, the guide as the posterior) at the end; no resume."""
+    from ..inference.svi import BayesByBackprop
+
+    if resume:
+        raise ValueError("--resume is not supported for learner 'bbb' (Pyro's optimizer state is not "
+                         "checkpointed); rerun it from the start")
+    bbb = BayesByBackprop(model, ess=float(cfg.learner.kwargs.get("ess", n)), weight_decay=cfg.learner.weight_decay,
+                          lr=cfg.learner.lr, **{k: v for k, v in cfg.learner.kwargs.items() if k != "ess"})
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    log_path = out / "metrics.jsonl"
+    with log_path.open("w", encoding="utf-8") as log:
+        for epoch in range(cfg.schedule.epochs):
+            loader = make_loader(data, cfg.data.batch_size, shuffle=True,
+                                 generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+            losses = bbb.fit(loader, epochs=1, progress=cfg.run.progress)
+            log.write(json.dumps({"step": bbb.steps, "epoch": epoch + 1, "loss": float(losses[-1]),
+                                  "seconds": time.perf_counter() - t0}) + "\n")
+    bbb.copy_to(model)
+    post = bbb.posterior()
+    ckpt.save(path, model, post, spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+              extra={"config": to_dict(cfg), "step": bbb.steps, "learner": "bbb"})
+    test = make_loader(load_dataset(f"{cfg.data.name}:test", cfg.data.root), cfg.data.test_batch_size)
+    summary: dict[str, Any] = {"step": bbb.steps, "total_steps": bbb.steps, "loss": float(losses[-1]),
+                               "seconds": time.perf_counter() - t0, "checkpoint": str(path),
+                               "test": evaluate(model, test)}
+    if cfg.eval.test_samples > 0:
+        summary["test_bma"] = evaluate(model, test, post, cfg.eval.test_samples)
+    _curves(log_path, out / "curves.png")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``; with ``resume`` continue from ``<run.out>/checkpoint.safetensors``.  Returns the summary."""
     out = Path(cfg.run.out)
@@ -106,6 +142,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     spe = math.ceil(n / cfg.data.batch_size)
     total = cfg.schedule.epochs * spe
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
+    if cfg.learner.name == "bbb":
+        return _train_bbb(cfg, model, data, n, out, path, resume)
     opt = build_learner(cfg, model, n, spe)
     sched = _scheduler(cfg, opt, total)
     step = 0
