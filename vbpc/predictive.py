@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._enums import parse_enum
 from .posterior import GaussianPosterior
 
 __all__ = [
@@ -74,13 +75,6 @@ class Draw(str, enum.Enum):
 
     PER_BATCH = "per_batch"
     PER_PASS = "per_pass"
-
-
-def _enum(cls: type, value: Any, what: str) -> Any:
-    try:
-        return cls(value.lower() if isinstance(value, str) else value)
-    except ValueError:
-        raise ValueError(f"invalid {what}={value!r}; expected one of {[m.value for m in cls]}") from None
 
 
 def log_mean_exp(log_probs: Tensor, dim: int = 0) -> Tensor:
@@ -203,7 +197,7 @@ def sample_logits(model: nn.Module, inputs: Any, posterior: GaussianPosterior, n
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
     sampler = _Sampler(posterior, n_samples, Draw.PER_BATCH, generator, _device(model))
-    return _stack(model, inputs, sampler, _enum(Vectorize, vectorize, "vectorize"), chunk_size, _State())
+    return _stack(model, inputs, sampler, parse_enum(Vectorize, vectorize, "vectorize"), chunk_size, _State())
 
 
 @dataclass
@@ -341,9 +335,9 @@ def predict(
         raise ValueError(f"n_samples must be an int >= 0 (0 = mean predictor), got {n_samples!r}")
     if posterior is None and n_samples > 0:
         raise ValueError("n_samples > 0 needs a posterior to sample from")
-    draw_mode = _enum(Draw, draw, "draw")
-    lm = _enum(Task, task, "task") is Task.CAUSAL_LM
-    mode = _enum(Vectorize, vectorize, "vectorize")
+    draw_mode = parse_enum(Draw, draw, "draw")
+    lm = parse_enum(Task, task, "task") is Task.CAUSAL_LM
+    mode = parse_enum(Vectorize, vectorize, "vectorize")
     dev = torch.device(device) if device is not None else _device(model)
     sampler = _Sampler(posterior, n_samples, draw_mode, generator, dev) if posterior is not None and n_samples else None
     state = _State()

@@ -22,7 +22,7 @@ from .data.loading import make_loader  # re-exported: the one loader factory liv
 from .posterior import GaussianPosterior
 from .predictive import predict
 
-__all__ = ["evaluate", "make_loader", "train_epoch"]
+__all__ = ["evaluate", "make_loader", "train_epoch", "warmup_cosine", "warmup_cosine_scheduler"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -122,3 +122,19 @@ def evaluate(
     logp, y = pred.log_probs, pred.labels
     nll = float(F.nll_loss(logp.double(), y, reduction="mean"))
     return {"accuracy": float((logp.argmax(dim=-1) == y).double().mean()), "nll": nll}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, cosine: bool = True) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``
+    (``cosine=False``: constant 1 after the warm-up)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def warmup_cosine_scheduler(optimizer: Optimizer, warmup: int, total: int,
+                            cosine: bool = True) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepping :func:`warmup_cosine` once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, cosine))

@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .._enums import parse_enum
 from ..errors import StateDictMismatchError
 from ..posterior import DiagonalGaussian, _Entry
 
@@ -55,10 +56,7 @@ def merge_posteriors(base: DiagonalGaussian, posteriors: Sequence[DiagonalGaussi
     Returns a new :class:`DiagonalGaussian` (``ess=1``, ``weight_decay=0``, so its ``precision`` is
     :math:`p_{mrg}` exactly) with copied means, not bound to any module (``sampled(model)`` binds
     it by name).  Raises :class:`~vbpc.errors.StateDictMismatchError` for different architectures."""
-    try:
-        mode = MergeWeights(weights.lower() if isinstance(weights, str) else weights)
-    except ValueError:
-        raise ValueError(f"invalid weights={weights!r}; expected one of {[m.value for m in MergeWeights]}") from None
+    mode = parse_enum(MergeWeights, weights, "weights")
     posteriors = list(posteriors)
     if not posteriors:
         raise ValueError("merge_posteriors: no posterior to merge")

@@ -13,16 +13,17 @@ rounds further from 1.  Logits passed as probabilities fail this check.
 from __future__ import annotations
 
 import enum
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._enums import parse_enum
+
 __all__ = ["Inputs", "as_enum", "check_n_bins", "check_labels", "check_level", "to_probs", "check_stack",
            "as_tensor", "norm_tolerance", "f64"]
 
-E = TypeVar("E", bound=enum.Enum)
 
 
 class Inputs(str, enum.Enum):
@@ -35,12 +36,7 @@ class Inputs(str, enum.Enum):
     LOGITS = "logits"
 
 
-def as_enum(cls: type[E], value: Any, what: str) -> E:
-    """``cls(value)`` (case-insensitive for strings) or a ValueError listing the options."""
-    try:
-        return cls(value.lower() if isinstance(value, str) else value)
-    except ValueError:
-        raise ValueError(f"invalid {what}={value!r}; expected one of {[m.value for m in cls]}") from None
+as_enum = parse_enum  # the one string-enum parser (vbpc._enums)
 
 
 def as_tensor(x: Any, what: str) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._enums import parse_enum
 from ..nn.norm import TLU, FilterResponseNorm2d
 from ._checks import check_image_input
 
@@ -29,13 +30,6 @@ class Norm(str, enum.Enum):
     FRN = "frn"
     BN = "bn"
     GN = "gn"
-
-    @classmethod
-    def parse(cls, value: Union[str, "Norm"]) -> "Norm":
-        try:
-            return cls(value.lower() if isinstance(value, str) else value)
-        except ValueError:
-            raise ValueError(f"invalid norm={value!r}; expected one of {[m.value for m in cls]}") from None
 
 
 def _norm_act(norm: Norm, c: int, act: bool) -> nn.Module:
@@ -105,7 +99,7 @@ class ResNet20(nn.Module):
             raise ValueError(f"invalid shortcut={shortcut!r}; expected 'conv' or 'pad'")
         if width < 1 or num_classes < 1 or in_channels < 1:
             raise ValueError("width, num_classes and in_channels must be positive")
-        self.norm = Norm.parse(norm)
+        self.norm = parse_enum(Norm, norm, "norm")
         self.num_classes, self.in_channels = int(num_classes), int(in_channels)
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .._enums import parse_enum
+
 __all__ = [
     "FilterResponseNorm2d",
     "TLU",
@@ -200,13 +202,6 @@ class NormUpdate(str, enum.Enum):
     ALL = "all"  #: every MC pass (plain PyTorch semantics); anchor passes still never do
     NONE = "none"  #: no pass of a step (frozen statistics)
 
-    @classmethod
-    def parse(cls, value: Union[str, "NormUpdate"]) -> "NormUpdate":
-        try:
-            return cls(value.lower() if isinstance(value, str) else value)
-        except ValueError:
-            raise ValueError(f"invalid norm_update={value!r}; expected one of {[m.value for m in cls]}") from None
-
 
 class RunningStatsGuard:
     """The BatchNorm policy of a learner (module docstring): a context per forward pass.
@@ -222,7 +217,7 @@ class RunningStatsGuard:
             raise TypeError(f"{owner}: model= must be an nn.Module (used for its BatchNorm statistics), "
                             f"got {type(model).__name__}")
         self.model = model
-        self.update = NormUpdate.parse(update)
+        self.update = parse_enum(NormUpdate, update, "norm_update")
         if model is not None and has_batchnorm(model):
             warnings.warn(
                 f"{owner}: the model has BatchNorm; its running statistics are gathered under weight noise and "

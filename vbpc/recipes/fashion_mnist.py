@@ -24,6 +24,7 @@ import vbpc
 from vbpc.data import load_fashion_mnist
 from vbpc.models import MLP
 from vbpc.training import evaluate, make_loader, train_epoch
+from vbpc.recipes._cli import add_common_arguments, parse_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,17 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=1, help="weight samples per training step")
     p.add_argument("--test-samples", type=int, default=16, help="posterior samples for BMA")
     p.add_argument("--test-batch-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="directory with the Fashion-MNIST IDX files")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
-    return p
+    return add_common_arguments(p)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return add_arguments(p).parse_args(argv)
+    return parse_recipe_args(__doc__, add_arguments, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:

@@ -22,7 +22,6 @@ noise σ ≈ 0.015 on weights of scale 0.04 and reached 0.68 accuracy instead of
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 import vbpc
@@ -38,6 +37,9 @@ from vbpc.data import load_corpus_task
 from vbpc.data.loading import seed_everything
 from vbpc.metrics import accuracy, nll, ood_metrics
 from vbpc.models import minilm_classifier
+from vbpc.predictive import predict
+from vbpc.training import warmup_cosine_scheduler
+from vbpc.recipes._cli import add_common_arguments, parse_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,40 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["none", "adamw"], default="none")
     p.add_argument("--adamw-lr", type=float, default=5e-5)
     p.add_argument("--test-samples", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return add_common_arguments(p)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return add_arguments(p).parse_args(argv)
+    return parse_recipe_args(__doc__, add_arguments, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     return run(parse_args(argv))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, batches: list[dict[str, Tensor]], posterior: Optional[vbpc.GaussianPosterior] = None,
-            n_samples: int = 0) -> Tensor:
-    """Predictive probabilities ``(N, C)`` (float64): the mean model, or BMA over ``n_samples`` (eq. 33)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for b in batches:
-        if posterior is None or n_samples == 0:
-            out.append(F.softmax(model(**b).double(), -1))
-            continue
-        acc = torch.zeros(())
-        for _ in range(n_samples):
-            with posterior.sampled(model, generator=gen):
-                acc = acc + F.softmax(model(**b).double(), -1)
-        out.append(acc / n_samples)
-    model.train()
-    return torch.cat(out)
 
 
 def _batches(tok: Any, texts: list[str], bs: int, max_length: int) -> list[dict[str, Tensor]]:
@@ -131,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                     weight_decay=0.01)
         train_batches = _batches(tok, train_texts, args.batch_size, args.max_length)
         total = args.epochs * len(train_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        sched = warmup_cosine_scheduler(opt, 0, total)
         labels = [train_y[i:i + args.batch_size] for i in range(0, len(train_texts), args.batch_size)]
         t0 = time.perf_counter()
         model.train()
@@ -155,7 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         if method == "ivon" and args.test_samples > 0:
             variants.append(("bma", opt.posterior(model), args.test_samples))  # type: ignore[attr-defined]
         for tag, post, s in variants:
-            p_in, p_out = predict(model, test_b, post, s), predict(model, ood_b, post, s)
+            gen = torch.Generator().manual_seed(0)
+            p_in, p_out = (predict(model, b, post, s, generator=gen).probs for b in (test_b, ood_b))
             res.update({f"{tag}_accuracy": accuracy(p_in, test_y), f"{tag}_nll": nll(p_in, test_y),
                         f"{tag}_ood_auroc": ood_metrics(p_in, p_out)["auroc"]})
         results[method] = res

@@ -30,6 +30,7 @@ from vbpc.data.loading import seed_everything
 from vbpc.inference.svi import BayesByBackprop
 from vbpc.models import LeNet5, ResNet20
 from vbpc.training import evaluate, make_loader, train_epoch
+from vbpc.recipes._cli import add_common_arguments, parse_recipe_args
 
 METHODS = ("ivon", "adamw", "bbb")
 
@@ -52,17 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ood", default="digits", help="OOD dataset of the report (vbpc.data.load_dataset name)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the report's intervals")
     p.add_argument("--save-dir", default=None, help="save each method's model + posterior checkpoint here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    p.add_argument("--root", default=None, help="directory with the Fashion-MNIST IDX files")
+    return add_common_arguments(p)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return add_arguments(p).parse_args(argv)
+    return parse_recipe_args(__doc__, add_arguments, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:

@@ -34,7 +34,11 @@ from tqdm.auto import tqdm
 import vbpc
 from vbpc.data import ByteTokenizer, CharTokenizer, RandomBlocks, SequentialBlocks, load_corpus, split_tokens
 from vbpc.data.loading import seed_everything
+from vbpc.metrics import nll_from_log_probs
 from vbpc.models import causal_lm_loss, char_gpt2
+from vbpc.predictive import predict
+from vbpc.training import warmup_cosine_scheduler
+from vbpc.recipes._cli import add_common_arguments, parse_recipe_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,52 +62,26 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks (of block-size tokens)")
     p.add_argument("--test-samples", type=int, default=4, help="posterior samples for the BMA validation loss")
     p.add_argument("--sample-chars", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return add_common_arguments(p)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return add_arguments(p).parse_args(argv)
+    return parse_recipe_args(__doc__, add_arguments, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     return run(parse_args(argv))
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-@torch.no_grad()
 def lm_eval(model: nn.Module, blocks: SequentialBlocks, device: torch.device,
             posterior: Optional[vbpc.GaussianPosterior] = None, n_samples: int = 0, batch_size: int = 32) -> float:
-    """Mean next-token NLL over ``blocks``; with ``posterior`` by BMA over ``n_samples`` draws (eq. 33)."""
-    model.eval()
-    total, count = 0.0, 0
-    gen = torch.Generator().manual_seed(0)
-    for i in range(0, len(blocks), batch_size):
-        x, y = blocks[list(range(i, min(i + batch_size, len(blocks))))]
-        x, y = x.to(device), y.to(device)
-        if posterior is None or n_samples == 0:
-            logp = F.log_softmax(model(x).logits.float(), -1)
-        else:
-            acc = None
-            for _ in range(n_samples):
-                with posterior.sampled(model, generator=gen):
-                    lp = F.log_softmax(model(x).logits.float(), -1)
-                acc = lp if acc is None else torch.logaddexp(acc, lp)
-            logp = acc - math.log(n_samples)
-        total += float(-logp.gather(-1, y.unsqueeze(-1)).sum())
-        count += y.numel()
-    model.train()
-    return total / count
+    """Mean next-token NLL over ``blocks`` (``y`` already shifted): the mean weights, or BMA over
+    ``n_samples`` draws by :func:`vbpc.predictive.predict` (eq. 33)."""
+    batches = [blocks[list(range(i, min(i + batch_size, len(blocks))))] for i in range(0, len(blocks), batch_size)]
+    pred = predict(model, batches, posterior, n_samples if posterior is not None else 0, device=device,
+                   generator=torch.Generator(device=device).manual_seed(0) if posterior is not None else None)
+    assert pred.labels is not None
+    return nll_from_log_probs(pred.log_probs.reshape(-1, pred.log_probs.shape[-1]), pred.labels.reshape(-1))
 
 
 @torch.no_grad()
@@ -130,7 +108,7 @@ def _param_groups(model: nn.Module, wd: float) -> list[dict]:
 
 def _train(name: str, model: nn.Module, opt: torch.optim.Optimizer, batches: RandomBlocks, args: argparse.Namespace,
            device: torch.device) -> float:
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.steps))
+    sched = warmup_cosine_scheduler(opt, args.warmup, args.steps)
     bar = tqdm(batches, desc=name, disable=args.no_progress, dynamic_ncols=True)
     ema = None
     for x, y in bar:

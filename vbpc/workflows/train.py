@@ -29,7 +29,7 @@ from ..data import load_dataset, make_loader
 from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
 from ..io import atomic_write_text
 from ..models import build_model
-from ..training import evaluate
+from ..training import evaluate, warmup_cosine_scheduler
 
 __all__ = ["LEARNERS", "build_learner", "train"]
 
@@ -67,22 +67,15 @@ def build_learner(cfg: TrainConfig, model: nn.Module, n_train: int, steps_per_ep
 
 
 def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warm, kind = cfg.schedule.warmup_steps, cfg.schedule.scheduler
+    kind = cfg.schedule.scheduler
     if kind not in ("cosine", "constant"):
         raise ValueError(f"schedule.scheduler must be 'cosine' or 'constant', got {kind!r}")
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return warmup_cosine_scheduler(opt, cfg.schedule.warmup_steps, total, cosine=kind == "cosine")
 
 
 def _posterior(opt: torch.optim.Optimizer, model: nn.Module) -> Any:
-    return opt.posterior(model) if hasattr(opt, "posterior") and not hasattr(opt, "sigma") else None
+    """The learner's posterior (IVON family, VON), or ``None`` (AdamW, SGD, SVRG)."""
+    return opt.posterior(model) if hasattr(opt, "posterior") else None
 
 
 def _save(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
