@@ -63,8 +63,11 @@ def test_errors(tmp_path):
     checkpoint.save(path, model, post)
     with pytest.raises(ValueError, match="no model spec"):
         checkpoint.load(path)
-    with pytest.raises(StateDictMismatchError, match="do not fit"):
-        checkpoint.load(path, LeNet5(num_classes=3))
+    other = LeNet5(num_classes=3)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(StateDictMismatchError, match="shape mismatch.*classifier.4.weight"):
+        checkpoint.load(path, other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing half-loaded
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))

@@ -74,6 +74,20 @@ def unflatten_state(skeleton: Any, tensors: Mapping[str, Tensor]) -> Any:
     return skeleton
 
 
+def _check_fits(path: PathLike, model: nn.Module, weights: Mapping[str, Tensor], strict: bool) -> None:
+    """Raise :class:`StateDictMismatchError` naming missing, unexpected and mis-shaped entries."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+              if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in weights] if strict else []
+    unexpected = [k for k in weights if k not in own] if strict else []
+    if shapes or missing or unexpected:
+        parts = [f"{label}: {items[:3]}" for label, items in
+                 (("shape mismatch (checkpoint vs model)", shapes), ("missing", missing), ("unexpected", unexpected))
+                 if items]
+        raise StateDictMismatchError(f"{path}: the weights do not fit {type(model).__name__}; " + "; ".join(parts))
+
+
 @dataclass
 class Checkpoint:
     """What :func:`load` returns."""
@@ -134,10 +148,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
 
         model = build_model(spec["name"], **spec.get("kwargs", {}))
     model = model.to(device)
-    try:
-        model.load_state_dict(unflatten_state(skeleton["model"], tensors), strict=strict)
-    except RuntimeError as exc:
-        raise StateDictMismatchError(f"{path}: the weights do not fit {type(model).__name__}: {exc}") from None
+    weights = unflatten_state(skeleton["model"], tensors)
+    _check_fits(path, model, weights, strict)  # before any write: a mismatch leaves the model untouched
+    model.load_state_dict(weights, strict=strict)
     posterior = None
     if skeleton.get("posterior") is not None:
         posterior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["posterior"], tensors), model)
