@@ -3,6 +3,7 @@
 from . import checkpoint, metrics, nn, predictive
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
+from .inference.continual import ContinualIVON, pretrained_posterior
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
 from .inference.svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
@@ -14,6 +15,8 @@ from .version import __version__
 __all__ = [
     "IVON",
     "IVONPoCo",
+    "ContinualIVON",
+    "pretrained_posterior",
     "IVONPoCoMo",
     "VSGDPoCo",
     "VSGD",

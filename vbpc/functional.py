@@ -319,6 +319,7 @@ def ivon_update_fast_(
     clip_radius: float,
     bias_correction: float,
     price: bool = True,
+    prior_shift: Optional[list[Tensor]] = None,
     foreach: Optional[bool] = None,
 ) -> None:
     r"""Eqs. (6)-(10) in 10 fused memory passes instead of about 25 (the default, non-parity path).
@@ -337,6 +338,10 @@ def ivon_update_fast_(
     ``hw``/``rsqrt_hw`` must hold :math:`h+\delta` and :math:`r` of the pre-update :math:`h` on
     entry; on exit they hold those of the updated :math:`h` (ready for the next sample).
     ``stat`` is consumed; ``g_hat`` is only read.  Agrees with the exact path to rounding (tested).
+
+    ``prior_shift`` (optional) :math:`e` is added to the numerator, :math:`g/c_t+\delta m+e`, outside
+    the momentum: the vector prior of ALGORITHMS.md §8 passes
+    :math:`e=\delta_v\odot(m-m_0)-\delta m` (see :class:`vbpc.inference.continual.ContinualIVON`).
     """
     if foreach is None:
         foreach = default_foreach(means)
@@ -359,6 +364,8 @@ def ivon_update_fast_(
         num = u  # u is consumed: reuse it for (g + c_t δ m)
         torch._foreach_copy_(num, momenta)
         torch._foreach_add_(num, means, alpha=a)
+        if prior_shift is not None:
+            torch._foreach_add_(num, prior_shift, alpha=bias_correction)
         if clip:
             torch._foreach_div_(num, hw)
             torch._foreach_clamp_min_(num, -clip_radius * bias_correction)
@@ -370,7 +377,8 @@ def ivon_update_fast_(
         for r in rsqrt_hw:
             r.rsqrt_()
         return
-    for m, g, h, gh, u, w, r in zip(means, momenta, hess, g_hat, stat, hw, rsqrt_hw):
+    shifts = prior_shift if prior_shift is not None else [None] * len(means)
+    for m, g, h, gh, u, w, r, e in zip(means, momenta, hess, g_hat, stat, hw, rsqrt_hw, shifts):
         if price:
             u.div_(r)
         g.lerp_(gh, one_m_b1)
@@ -379,6 +387,8 @@ def ivon_update_fast_(
         h.addcdiv_(u.mul_(u), w, value=c)
         torch.add(h, weight_decay, out=w)
         num = torch.add(g, m, alpha=a, out=u)
+        if e is not None:
+            num.add_(e, alpha=bias_correction)
         if clip:
             num.div_(w).clamp_(-clip_radius * bias_correction, clip_radius * bias_correction)
             m.add_(num, alpha=step)

@@ -629,8 +629,10 @@ class IVON(Optimizer):
                     ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
                                  scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
                 else:
+                    shift = ws.get("prior_shift")
                     ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
-                                      pick(ws["hw"]), pick(ws["rsqrt"]), ess=ess, price=price, **common)
+                                      pick(ws["hw"]), pick(ws["rsqrt"]), ess=ess, price=price,
+                                      prior_shift=None if shift is None else pick(shift), **common)
             if not self.parity:
                 ws["sigma_key"] = (wd, [h._version for h in hess])
             for p, st in zip(params, states):

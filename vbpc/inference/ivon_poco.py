@@ -201,15 +201,16 @@ class IVONPoCo(CorrectionSchedule, IVON):
             return super()._closure_sample(closure)
         draw, ctx = self._sample_context("IVONPoCo.step")
         rng0 = capture_rng()
+        in_closure, out_closure = self._pass_closures(closure)
         with self._norm(first=self._count == 0):
-            loss = self._run_closure(closure, ctx)
+            loss = self._run_closure(in_closure, ctx)
         self._collect(draw)
         rng1 = capture_rng()
         restore_rng(rng0)
         try:
             out_draw, out_ctx = self._anchor_context(draw)
             with self._norm(first=False, anchor=True):
-                loss_out = self._run_closure(closure, out_ctx)
+                loss_out = self._run_closure(out_closure, out_ctx)
         finally:
             restore_rng(rng1)
         if not bool(torch.isfinite(loss_out).all()):
@@ -217,6 +218,11 @@ class IVONPoCo(CorrectionSchedule, IVON):
                                  "sample; the step was skipped and no state changed")
         self._collect(out_draw, out=True)
         return loss
+
+    def _pass_closures(self, closure: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+        """The closures of the current and the anchor pass: the same batch for PoCo (§6.3);
+        the continual learner evaluates new data + memory, then the memory only (eq. 29)."""
+        return closure, closure
 
     def _anchor_context(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]):
         """θ_out = m_out + σ_out ⊙ z_out written in place (the same kernel as the current sample)."""

@@ -1,0 +1,460 @@
+r"""Knowledge adaptation by posterior correction (ALGORITHMS.md §8): continual learning and
+finetuning from an anchored pretrained posterior.
+
+**Vector prior.**  Every workflow replaces IVON's prior :math:`\mathcal N(0,(\lambda\delta)^{-1}I)`
+by :math:`\mathcal N(m_0,\mathrm{diag}(p_0)^{-1})`, i.e. in (8)-(10) :math:`\delta\to\delta_v=p_0/\lambda`
+and :math:`\delta m\to\delta_v\odot(m-m_0)`.  :class:`ContinualIVON` runs IVON's kernels unchanged
+with the state :math:`\tilde h=h+\delta_v-\delta` (scalar δ = the group's ``weight_decay``):
+
+.. math::
+    \tilde h+\delta &= h+\delta_v \quad(\text{so } \sigma=1/\sqrt{\lambda(h+\delta_v)}\text{ and the Price estimate (5) are exact})\\
+    \tilde h' &= \beta_2\tilde h+(1-\beta_2)(\hat h+\Delta)+\tfrac12(1-\beta_2)^2
+        \frac{(\tilde h-(\hat h+\Delta))^2}{\tilde h+\delta},\quad \Delta=\delta_v-\delta \\
+    m' &= m-\eta_t\,\mathrm{clip}\Big(\frac{g/c_t+\delta m+e}{\tilde h'+\delta}\Big),\quad e=\delta_v\odot(m-m_0)-\delta m
+
+which is (8)-(9) with the vector prior, term by term (substitute :math:`\tilde h=h+\Delta`).  The
+posterior view :meth:`posterior` then has precision :math:`\lambda(\tilde h+\delta)=\lambda h+p_0`, the
+new data's curvature on top of the prior's.
+
+**Correction (eq. 29).**  With a replay memory :math:`\mathcal M` of old data (size :math:`N_{old}` =
+``memory_weight``), each MC sample evaluates the new batch and a memory batch at
+:math:`\theta=m+\sigma\odot z` and the memory batch again at :math:`\theta_{old}=m_{old}+\sigma_{old}\odot z`
+(shared noise, replayed RNG, §6.3):
+
+.. math::
+    \tilde g &= \tfrac{N_{new}}\lambda\hat g_{new}+\tfrac{N_{old}}\lambda\big[\hat g_{\mathcal M}(q)-
+        \hat g_{\mathcal M}(q_{old})-\hat h_{\mathcal M}(q_{old})\odot(m-m_{old})\big]\\
+    \tilde h &= \tfrac{N_{new}}\lambda\hat h_{new}+\tfrac{N_{old}}\lambda\big[\hat h_{\mathcal M}(q)-
+        \hat h_{\mathcal M}(q_{old})\big]  \hfill (29)
+
+This is IVON-PoCo's corrected step (22)-(23) with the anchor at :math:`q_{old}`, α=1 and zero
+anchor statistics, so the two-pass machinery of :class:`~vbpc.IVONPoCo` is reused.  Without a
+memory (``correction=False``) the learner is the prior-focused online-VI/VCL-like method.
+
+**Pretrained anchor (eq. 30).**  :func:`pretrained_posterior` forms :math:`q_{pre}` from one diagonal
+curvature pass at :math:`\theta_{pre}` (antithetic Price by default, ``"gradsq"`` or ``"fisher"``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._enums import parse_enum
+from ..errors import SamplingError, StateDictMismatchError
+from ..posterior import DiagonalGaussian, _Entry
+from .ivon_poco import IVONPoCo
+from .poco import Anchor, batch_size_of
+
+__all__ = ["ContinualIVON", "pretrained_posterior", "cycle", "Curvature", "PreMean", "Start"]
+
+
+
+class Curvature(str, enum.Enum):
+    """The curvature pass of eq. (30)."""
+
+    PRICE = "price"
+    GRADSQ = "gradsq"
+    FISHER = "fisher"
+
+
+class PreMean(str, enum.Enum):
+    """The anchored mean of eq. (30): the pretrained weights or one Newton step (the exact (13))."""
+
+    PRETRAINED = "pretrained"
+    NEWTON = "newton"
+
+
+class Start(str, enum.Enum):
+    """Where a :class:`ContinualIVON` starts its mean."""
+
+    PRIOR = "prior"
+    KEEP = "keep"
+
+
+CURVATURES = tuple(c.value for c in Curvature)
+PRE_MEANS = tuple(c.value for c in PreMean)
+
+
+class ContinualIVON(IVONPoCo):
+    r"""IVON with the Gaussian prior :math:`q_{old}` and, optionally, the posterior-correction term on
+    a replay memory (ALGORITHMS.md §8, eq. 29; the module docstring derives the update).
+
+    Args:
+        params: the parameters (``model.parameters()`` or groups), already at :math:`m_{old}` or
+            :math:`\theta_{pre}` usually (``start="prior"`` copies the prior mean in).
+        lr, ess: IVON's; ``ess`` is :math:`\lambda` of the new posterior (usually :math:`N_{new}`).
+        prior: the old posterior :math:`q_{old}=(m_{old},p_{old})` as a :class:`~vbpc.DiagonalGaussian`
+            (``IVON.posterior()``, :func:`pretrained_posterior`, a checkpoint); matched to the
+            trainable parameters by name when ``model`` is given, else by position.
+        correction: evaluate the correction term of (29) on a replay memory; :meth:`step` then needs
+            ``memory=`` (a closure on a memory batch).  False: prior-focused (VCL-like).
+        memory_weight: :math:`N_{old}`, the number of old examples the memory stands for (required
+            with ``correction``; unbiased for a uniform memory).
+        data_size: :math:`N_{new}` (default ``ess``): the new batch's gradient is scaled by
+            :math:`N_{new}/\lambda`.
+        start: ``"prior"`` (copy :math:`m_{old}` into the parameters) or ``"keep"``.
+        **kw: every other :class:`vbpc.IVON` argument (``beta1`` defaults to 0.9 here, IVON's),
+            ``model``/``norm_update``, ``anchor_noise`` (``"shared"``) and ``track_stats``.
+
+    Usage::
+
+        post = ivon.posterior(model)                       # after task 1
+        opt = vbpc.ContinualIVON(model.parameters(), lr=0.5, ess=len(task2), prior=post, model=model,
+                                 correction=True, memory_weight=len(task1))
+        for (x, y), (xm, ym) in zip(loader2, memory_loader):
+            opt.step(lambda: loss(x, y), memory=lambda: loss(xm, ym))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        ess: float,
+        prior: DiagonalGaussian,
+        *,
+        correction: bool = False,
+        memory_weight: Optional[float] = None,
+        data_size: Optional[float] = None,
+        start: str = "keep",
+        beta1: float = 0.9,
+        model: Optional[nn.Module] = None,
+        **kw: Any,
+    ):
+        for bad in ("alpha", "alpha_schedule", "anchor_period", "warmup_steps", "megabatch_size", "proximal"):
+            if bad in kw:
+                raise TypeError(f"ContinualIVON does not take {bad!r}: the anchor is the prior (α=1, eq. 29)")
+        if not isinstance(prior, DiagonalGaussian):
+            raise TypeError(f"prior must be a vbpc.DiagonalGaussian, got {type(prior).__name__}")
+        if correction and not (memory_weight is not None and memory_weight > 0):
+            raise ValueError("correction=True needs memory_weight > 0: the number of old examples N_old "
+                             "the replay memory stands for (eq. 29)")
+        if data_size is not None and not data_size > 0:
+            raise ValueError(f"invalid data_size={data_size!r}: must be > 0")
+        start_at = parse_enum(Start, start, "start")
+        super().__init__(params, lr, ess, beta1=beta1, alpha=0.0, model=model, **kw)
+        self.correction = bool(correction)
+        self.memory_weight = None if memory_weight is None else float(memory_weight)
+        self.data_size = None if data_size is None else float(data_size)
+        self.last_memory_loss: Optional[Tensor] = None
+        self._memory: Optional[Callable[[], Tensor]] = None
+        self._bind_prior(prior, model, start_at is Start.PRIOR)
+
+    # ------------------------------------------------------------------ prior
+    def _prior_entries(self, prior: DiagonalGaussian, model: Optional[nn.Module]) -> list[_Entry]:
+        params = self._anchor_params()
+        entries = list(prior._entries)
+        if model is not None:
+            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            by_name = {e.name: e for e in entries}
+            out = []
+            for p in params:
+                n = names.get(id(p))
+                if n is None:
+                    raise ValueError("a trainable parameter is not a parameter of `model`")
+                if n not in by_name:
+                    raise StateDictMismatchError(f"the prior has no entry for parameter {n!r} "
+                                                 f"(prior names: {list(by_name)[:4]}...)")
+                out.append(by_name[n])
+        else:
+            if len(entries) != len(params):
+                raise StateDictMismatchError(f"the prior has {len(entries)} tensors, the learner "
+                                             f"{len(params)} trainable ones (pass model= to match by name)")
+            out = entries
+        for e, p, n in zip(out, params, self._names(params)):
+            if tuple(e.mean.shape) != tuple(p.shape):
+                raise StateDictMismatchError(f"prior {e.name!r} has shape {tuple(e.mean.shape)}, "
+                                             f"parameter {n!r} has {tuple(p.shape)}")
+        return out
+
+    @torch.no_grad()
+    def _bind_prior(self, prior: DiagonalGaussian, model: Optional[nn.Module], copy_mean: bool) -> None:
+        r"""Store :math:`m_0=m_{old}` (the anchor mean), :math:`\sigma_{old}` and :math:`\delta_v=p_{old}/\lambda`,
+        and start :math:`\tilde h=h_0+\delta_v-\delta` (the posterior starts at the prior plus
+        :math:`\lambda h_0`)."""
+        entries = self._prior_entries(prior, model)
+        means, rsqrt, ess_old = [], [], []
+        it = iter(entries)
+        for g in self.param_groups:
+            lam, wd = float(g["ess"]), float(g["weight_decay"])
+            for p in self._trainable(g):
+                e = next(it)
+                st = self._state(p, g)
+                sd = st["hess"].dtype
+                m0 = e.mean.detach().to(p.device, sd, copy=True)
+                hw_old = (e.hess.detach().to(p.device, sd) + e.weight_decay)
+                if not bool((hw_old > 0).all()):
+                    raise ValueError(f"prior {e.name!r}: precision ess*(hess+weight_decay) is not positive")
+                means.append(m0)
+                rsqrt.append(hw_old.rsqrt())
+                ess_old.append(float(e.ess))
+                st["prior_delta"] = hw_old.mul(e.ess / lam)  # δ_v = p_old / λ
+                st["hess"].add_(st["prior_delta"]).sub_(wd)  # h̃ = h0 + δ_v − δ
+                if copy_mean:
+                    st.get("mean", p).copy_(m0)
+                    if "mean" in st:
+                        p.copy_(st["mean"])
+        self.anchor.publish(means, None, None, extra={"rsqrt": rsqrt, "ess": ess_old})  # type: ignore[arg-type]
+
+    def prior(self) -> DiagonalGaussian:
+        r"""The prior :math:`\mathcal N(m_0,\mathrm{diag}(\lambda\delta_v)^{-1})` as a posterior object (copies)."""
+        entries = []
+        o = 0
+        assert self.anchor.mean is not None
+        for g in self.param_groups:
+            for p in self._trainable(g):
+                st = self.state[p]
+                name = self._names([p])[0]
+                entries.append(_Entry(name, self.anchor.mean[o].clone(), st["prior_delta"].clone(),
+                                      float(g["ess"]), 0.0))
+                o += 1
+        return DiagonalGaussian(entries)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
+             memory: Optional[Callable[[], Tensor]] = None, batch_size: Optional[int] = None) -> Optional[Tensor]:
+        """One step of (29): ``closure`` on a new batch; ``memory`` (needed with ``correction``) on a
+        memory batch.  Both follow the ``torch.optim`` closure convention (backward, return the mean loss)."""
+        if closure is None:
+            raise SamplingError("ContinualIVON.step needs a closure")
+        if self.correction and memory is None:
+            raise ValueError("the posterior correction needs a replay memory: pass step(closure, memory=...) "
+                             "(an empty memory cannot correct; use correction=False for the prior-focused method)")
+        self._memory = memory if self.correction else None
+        self._alpha_now = 1.0
+        self._anchor_pass = self.correction
+        try:
+            loss = super(IVONPoCo, self).step(closure)
+        finally:
+            self._memory = None
+        passes = self.mc_samples * (3 if self.correction else 1)
+        self.counters["inner_passes"] += passes
+        if batch_size is not None:
+            self.counters["inner_examples"] += passes * int(batch_size)
+        self.t += 1
+        return loss
+
+    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
+        if self.correction:
+            return super()._closure_sample(closure)
+        draw, ctx = self._sample_context("ContinualIVON.step")
+        with self._norm(first=self._count == 0):
+            loss = self._run_closure(self._scaled_new(closure), ctx)
+        self._collect(draw)
+        return loss
+
+    def _weights(self) -> list[tuple[list[Tensor], float, float]]:
+        """Per group: (params, N_new/λ, N_old/λ)."""
+        out = []
+        for g in self.param_groups:
+            lam = float(g["ess"])
+            w_new = 1.0 if self.data_size is None else self.data_size / lam
+            w_old = 0.0 if self.memory_weight is None else self.memory_weight / lam
+            out.append((self._trainable(g), w_new, w_old))
+        return out
+
+    def _scaled_new(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        if self.data_size is None:
+            return closure
+
+        def run() -> Tensor:
+            loss = closure()
+            for params, w_new, _ in self._weights():
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(w_new)
+            return loss
+        return run
+
+    def _pass_closures(self, closure: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+        memory = self._memory
+        assert memory is not None
+
+        def inner() -> Tensor:
+            """(N_new/λ)∇ℓ_new + (N_old/λ)∇ℓ_M at the same θ: one accumulator pair (linear in ĝ)."""
+            loss = closure()
+            groups = self._weights()
+            saved = [[p.grad for p in params] for params, _, _ in groups]
+            for params, _, _ in groups:
+                for p in params:
+                    p.grad = None
+            mem_loss = memory()
+            for (params, w_new, w_old), g_new in zip(groups, saved):
+                for p, g0 in zip(params, g_new):
+                    if p.grad is None:
+                        p.grad = None if g0 is None else g0.mul_(w_new)
+                    else:
+                        p.grad.mul_(w_old)
+                        if g0 is not None:
+                            p.grad.add_(g0, alpha=w_new)
+            self.last_memory_loss = torch.as_tensor(mem_loss).detach()
+            return loss
+        return inner, memory
+
+    # ------------------------------------------------------------------ correction hook
+    def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:
+        r"""Eq. (29) and the vector prior: rewrite ĝ as :math:`\tilde g`, the statistic as
+        :math:`(\tilde h+\Delta)/\sqrt\lambda` (the fused kernel's non-Price input) and set the
+        numerator shift :math:`e=\delta_v\odot(m-m_0)-\delta m`."""
+        if not price:
+            raise ValueError("ContinualIVON needs hess_approx='price'")
+        o = self._offsets()[gi]
+        params = ws["params"]
+        n = len(params)
+        lam, wd = float(group["ess"]), float(group["weight_decay"])
+        root = math.sqrt(lam)
+        a = self.anchor
+        assert a.mean is not None
+        m0 = a.mean[o:o + n]
+        h_t = [torch.mul(s, root, out=b).div_(r) for s, r, b in zip(ws["stat"], ws["rsqrt"], ws["s1"])]
+        means = [self.state[p].get("mean", p) for p in params]
+        g_t = ws["ghat"]
+        snap = None
+        if self.track_stats:
+            snap = {"g_in": [t.clone() for t in g_t], "h_in": [t.clone() for t in h_t]}
+        if self._anchor_pass:
+            w_old = self.memory_weight / lam  # type: ignore[operator]
+            r_out, e_out = a.extra["rsqrt"][o:o + n], a.extra["ess"][o:o + n]
+            for i, (gt, ht, m, mo) in enumerate(zip(g_t, h_t, means, m0)):
+                h_out = torch.mul(ws["stat_out"][i], math.sqrt(e_out[i]), out=ws["s2"][i]).div_(r_out[i])
+                g_out = ws["grad_out"][i]
+                if snap is not None:
+                    snap.setdefault("g_out", []).append(g_out.clone())
+                    snap.setdefault("h_out", []).append(h_out.clone())
+                g_out.addcmul_(h_out, m - mo)  # ĝ_M(q_old) + ĥ_M(q_old) ⊙ (m − m_old)
+                gt.sub_(g_out, alpha=w_old)
+                ht.sub_(h_out, alpha=w_old)
+        if snap is not None:
+            self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_t], "h_tilde": [t.clone() for t in h_t]}
+        shift = ws.get("prior_shift")
+        if shift is None or len(shift) != n:
+            shift = ws["prior_shift"] = [torch.empty_like(t) for t in h_t]
+        for i, (p, m, mo) in enumerate(zip(params, means, m0)):
+            dv = self.state[p]["prior_delta"]
+            h_t[i].add_(dv).sub_(wd)  # ĥ + Δ
+            torch.sub(m, mo, out=shift[i]).mul_(dv).sub_(m, alpha=wd)  # e = δ_v(m − m0) − δm
+        for s, h in zip(ws["stat"], h_t):
+            torch.div(h, root, out=s)
+        return False
+
+    # ------------------------------------------------------------------ serialization
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["vbpc"]["continual"] = {"correction": self.correction, "memory_weight": self.memory_weight,
+                                   "data_size": self.data_size}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("vbpc", {}).get("continual")
+        if extra is None:
+            raise StateDictMismatchError("not a ContinualIVON state dict (no 'vbpc.continual' section)")
+        if bool(extra["correction"]) != self.correction:
+            raise StateDictMismatchError(f"the checkpoint was saved with correction={extra['correction']}, "
+                                         f"this learner has correction={self.correction}")
+        super().load_state_dict(state_dict)
+        self.memory_weight = extra["memory_weight"]
+        self.data_size = extra["data_size"]
+
+
+# ============================================================================ eq. (30)
+@torch.no_grad()
+def pretrained_posterior(
+    model: nn.Module,
+    loss_fn: Callable[[Any], Tensor],
+    data: Iterable[Any],
+    *,
+    ess: float,
+    hess_init: float = 1.0,
+    weight_decay: float = 1e-4,
+    curvature: str = "price",
+    mean: str = "pretrained",
+    antithetic: bool = True,
+    mc_samples: int = 1,
+    max_examples: Optional[int] = None,
+    logits_fn: Optional[Callable[[Any], Tensor]] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> DiagonalGaussian:
+    r"""The anchored posterior of a pretrained network, eq. (30):
+
+    .. math::
+        \bar h_{pre}=\max(0,\mathrm{mean}_C\hat h_C),\quad p_{pre}=\lambda_{pre}(\bar h_{pre}+\delta),\quad
+        \hat m_{pre}=\theta_{pre}\ \ \big(\texttt{"newton"}:\ \theta_{pre}-\tfrac{\bar g_{pre}+\delta\theta_{pre}}
+        {\bar h_{pre}+\delta}\big)
+
+    ``curvature``: ``"price"`` (eq. 5 at :math:`\sigma_c=1/\sqrt{\lambda_{pre}(h_0+\delta)}`, antithetic
+    :math:`\pm z` pairs by default), ``"gradsq"`` (:math:`|C|\,\hat g_C^2`, the batch estimate of the
+    empirical Fisher per example) or ``"fisher"`` (per-example MC Fisher with labels drawn from the
+    model's softmax; needs ``logits_fn(batch) -> logits``; one backward per example: small models).
+    Chunks are weighted by size (exact example means).  Returns a posterior with
+    ``ess=λ_pre``, ``weight_decay=δ``, bound to ``model``; the model is left unchanged and the
+    global RNG untouched."""
+    curv = parse_enum(Curvature, curvature, "curvature")
+    mean_at = parse_enum(PreMean, mean, "mean")
+    if not ess > 0 or not hess_init > 0 or not weight_decay >= 0:
+        raise ValueError(f"need ess > 0, hess_init > 0, weight_decay >= 0 (got {ess}, {hess_init}, {weight_decay})")
+    if curv is Curvature.FISHER and logits_fn is None:
+        raise ValueError("curvature='fisher' needs logits_fn(batch) -> logits (classification)")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    names = [n for n, _ in named]
+    anchor = Anchor(params, seed=seed)
+    if curv is Curvature.PRICE:
+        sigma_c = 1.0 / math.sqrt(ess * (hess_init + weight_decay))
+        anchor.refresh(loss_fn, data, scale=[torch.full_like(p, sigma_c) for p in params], hessian=True,
+                       refresh_mc=mc_samples, antithetic=antithetic, names=names, model=model,
+                       max_examples=max_examples, progress=progress)
+        g_bar, h_bar = anchor.grad, anchor.hess
+    else:
+        gen = anchor.generator
+
+        def evaluate(batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
+            with torch.enable_grad():
+                loss = loss_fn(batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            g = [torch.zeros_like(p) if x is None else x.detach() for p, x in zip(params, grads)]
+            if curv is Curvature.GRADSQ:
+                b = batch_size_of(batch)
+                return g, [x.square() * b for x in g], 1
+            h = [torch.zeros_like(p) for p in params]
+            with torch.enable_grad():
+                logits = logits_fn(batch)  # type: ignore[misc]
+                probs = F.softmax(logits.detach().float(), -1)
+                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+                per = F.cross_entropy(logits, y, reduction="none")
+                for i in range(per.shape[0]):
+                    gi = torch.autograd.grad(per[i], params, retain_graph=i + 1 < per.shape[0], allow_unused=True)
+                    for acc, x in zip(h, gi):
+                        if x is not None:
+                            acc.add_(x.square(), alpha=1.0 / per.shape[0])
+            return g, h, 1 + per.shape[0]
+
+        g_bar, h_bar, _, _ = anchor.accumulate(evaluate, data, names=names, model=model,
+                                               max_examples=max_examples, progress=progress)
+    assert g_bar is not None and h_bar is not None
+    entries = []
+    for n, p, g, h in zip(names, params, g_bar, h_bar):
+        hb = h.clamp(min=0.0).to(torch.promote_types(p.dtype, torch.float32))
+        m = p.detach().to(hb.dtype, copy=True)
+        if mean_at is PreMean.NEWTON:
+            m = m - (g.to(hb) + weight_decay * m) / (hb + weight_decay)
+        entries.append(_Entry(n, m, hb, float(ess), float(weight_decay)))
+    post = DiagonalGaussian(entries)
+    return post.bind(model)
+
+
+def cycle(batches: Iterable[Any]) -> Iterable[Any]:
+    """Cycle an iterable of replay-memory batches forever, pairing one with every new batch;
+    raises on an empty memory (the correction cannot be estimated from nothing)."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("the replay memory is empty: the posterior correction needs at least one example")
