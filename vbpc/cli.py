@@ -9,6 +9,7 @@ Subcommands grow with the toolkit; today:
 * ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
 * ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
 * ``vbpc train CONFIG [--set key=value] [--resume]``: :func:`vbpc.workflows.train`;
+* ``vbpc continual CONFIG [--set key=value]``: :func:`vbpc.workflows.continual.run_continual`;
 * ``vbpc merge BASE CK1 CK2 ...``: precision-weighted merging of posteriors (eq. 31);
 * ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
   table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
@@ -88,6 +89,33 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _continual(args: argparse.Namespace) -> int:
+    from .config import ContinualConfig, load_config
+    from .workflows.continual import run_continual
+
+    cfg = load_config(args.config, args.set, cls=ContinualConfig)
+    result = run_continual(cfg)
+    print(result["table"], end="")
+    print(f"wrote {result['out']}/results.md, results.json, metrics.jsonl, continual.png and the posteriors "
+          f"({result['seconds']:.0f} s)")
+    return 0
+
+
+def _add_continual(sub: Any) -> None:
+    p = sub.add_parser(
+        "continual", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a replay memory",
+        description="Methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29). Config keys (vbpc.config."
+                    "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
+                    "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, root}; "
+                    "learner.{name (ivon), lr, weight_decay, kwargs}; methods (naive, vcl, poco, adamw); adamw_lr; "
+                    "seeds; test_samples; out; progress. Writes metrics.jsonl, results.md/json, continual.png.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/continual_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tasks.epochs=2 --set 'methods=[vcl, poco]' (repeatable)")
+    p.set_defaults(func=_continual)
 
 
 def _add_train(sub: Any) -> None:
@@ -188,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         _recipe(module).add_arguments(p)
         p.set_defaults(func=_run_recipe, recipe=module)
     _add_train(sub)
+    _add_continual(sub)
     _add_evaluate(sub)
     _add_merge(sub)
     return ap

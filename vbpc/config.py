@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "from_dict", "load_config", "to_dict"]
+__all__ = ["ConfigError", "TrainConfig", "ContinualConfig", "TasksConfig", "from_dict", "load_config", "to_dict"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -93,6 +93,36 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class TasksConfig:
+    scenario: str = "split"  #: split (two-class tasks, the head masked to the task's classes) or permuted
+    n_tasks: int = 5
+    train_size: Optional[int] = None  #: first N training examples of each task (None: all)
+    test_size: Optional[int] = None  #: first N test examples of each task (None: all)
+    batch_size: int = 128
+    epochs: int = 1  #: epochs per task
+    memory_per_task: int = 200  #: replay-memory examples kept from each old task (method poco)
+    memory_batch_size: int = 128
+    memory_weight: Optional[float] = None  #: N_old of eq. (29) (None: the old tasks' sizes, unbiased)
+    root: Optional[str] = None  #: Fashion-MNIST directory (None: the Debian package)
+
+
+@dataclass
+class ContinualConfig:
+    """``vbpc continual``: methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("mlp", {"hidden": [256, 256]}))
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(
+        "ivon", 0.5, 1e-4, {"hess_init": 0.5, "beta2": 0.999}))
+    methods: list[str] = field(default_factory=lambda: ["naive", "vcl", "poco"])  #: naive, vcl, poco, adamw
+    adamw_lr: float = 1e-3  #: learning rate of the adamw (naive finetuning) baseline
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    test_samples: int = 8  #: posterior samples of the BMA evaluation (0: mean weights)
+    out: str = "runs/continual"
+    progress: bool = True
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -111,6 +141,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -149,8 +184,10 @@ def _all_keys(cls: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: str = "") -> Any:
-    """Build ``cls`` from nested dicts, validating every key and type."""
+def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: str = "", root: Any = None) -> Any:
+    """Build ``cls`` from nested dicts, validating every key and type (``root``: the top-level
+    config class, whose keys the nearest-key suggestion searches)."""
+    root = cls if root is None else root
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -159,11 +196,12 @@ def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: st
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            near = difflib.get_close_matches(full, _all_keys(TrainConfig), n=1, cutoff=0.5)
+            near = difflib.get_close_matches(full, _all_keys(root), n=1, cutoff=0.5)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"unknown config key {full!r}{hint}")
         tp = fields[key]
-        kwargs[key] = from_dict(value, tp, full + ".") if dataclasses.is_dataclass(tp) else _coerce(value, tp, full)
+        kwargs[key] = (from_dict(value, tp, full + ".", root) if dataclasses.is_dataclass(tp)
+                       else _coerce(value, tp, full))
     return cls(**kwargs)
 
 
@@ -182,9 +220,12 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] = None, cls: Any = None) -> Any:
     """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides (values are
-    parsed as YAML: ``learner.lr=0.3``, ``model.kwargs={hidden: [64]}``, ``eval.ood=null``)."""
+    parsed as YAML: ``learner.lr=0.3``, ``model.kwargs={hidden: [64]}``, ``eval.ood=null``).
+
+    ``cls`` is the config class (default :class:`TrainConfig`; the ``continual`` and ``finetune``
+    commands pass theirs)."""
     tree: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as f:
@@ -196,4 +237,4 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] 
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         _set(tree, key.strip(), yaml.safe_load(raw))
-    return from_dict(tree)
+    return from_dict(tree, TrainConfig if cls is None else cls)

@@ -1,0 +1,374 @@
+r"""``vbpc continual``: continual learning on real Fashion-MNIST task sequences (ALGORITHMS.md §8).
+
+Scenarios:
+
+* ``split``: classes (0,1), (2,3), ... as ``n_tasks`` two-class tasks; one 10-way head whose
+  logits are masked to the task's classes in training and evaluation (task-incremental).
+* ``permuted``: all ten classes, task ``t`` applies a fixed pixel permutation (``t=0``: none).
+
+Methods, all IVON-based unless noted:
+
+* ``naive``: one IVON run continued over the tasks (naive finetuning; the original isotropic prior);
+* ``vcl``: the old posterior becomes the new prior (:class:`~vbpc.ContinualIVON`, ``correction=False``);
+* ``poco``: ``vcl`` plus the posterior-correction term of eq. (29) on a replay memory of
+  ``memory_per_task`` examples per old task (:class:`~vbpc.ContinualIVON`, ``correction=True``);
+* ``adamw``: AdamW naive finetuning (a non-Bayesian reference).
+
+After each task the run evaluates every seen task (BMA over ``test_samples`` posterior samples)
+and logs the accuracy matrix :math:`R_{t,j}`, the average accuracy :math:`A_t=\frac1t\sum_{j\le t}R_{t,j}`,
+the forgetting :math:`F_t=\frac1{t-1}\sum_{j<t}\big(\max_{l<t}R_{l,j}-R_{t,j}\big)` and the ECE over the
+seen tasks' test sets.  Outputs in ``out``: ``metrics.jsonl``, ``results.json``, ``results.md``
+(mean ± std over seeds), ``continual.png``, and each method's final posterior
+(``<method>_seed<s>.safetensors``, a :mod:`vbpc.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..config import ContinualConfig, ConfigError, to_dict
+from ..data import load_fashion_mnist, seed_everything
+from ..io import atomic_write_text
+from ..metrics import ece as ece_metric
+from ..models import build_model
+
+__all__ = ["METHODS", "SCENARIOS", "Task", "make_tasks", "run_continual", "forgetting"]
+
+METHODS = ("naive", "vcl", "poco", "adamw")
+SCENARIOS = ("split", "permuted")
+
+
+@dataclass
+class Task:
+    """One task: inputs, global labels and, per example, the head columns it may use."""
+
+    name: str
+    x: Tensor
+    y: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    cols: Tensor  #: (n_cols,) the classes of this task (logits are masked to them)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def make_tasks(scenario: str, n_tasks: int, *, root: Optional[str] = None, train_size: Optional[int] = None,
+               test_size: Optional[int] = None, seed: int = 0) -> list[Task]:
+    """The task sequence on real Fashion-MNIST (the permutations are drawn from ``seed``)."""
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"tasks.scenario={scenario!r}: expected one of {SCENARIOS}")
+    tr, te = load_fashion_mnist("train", root), load_fashion_mnist("test", root)
+    x, y = tr.tensors
+    xt, yt = te.tensors
+    tasks = []
+    if scenario == "split":
+        if not 1 <= n_tasks <= 5:
+            raise ConfigError(f"tasks.n_tasks={n_tasks}: split Fashion-MNIST has at most 5 two-class tasks")
+        for t in range(n_tasks):
+            cols = torch.tensor([2 * t, 2 * t + 1])
+            keep, keep_t = (y == cols[0]) | (y == cols[1]), (yt == cols[0]) | (yt == cols[1])
+            tasks.append(Task(f"{2 * t}/{2 * t + 1}", x[keep][:train_size], y[keep][:train_size],
+                              xt[keep_t][:test_size], yt[keep_t][:test_size], cols))
+    else:
+        if n_tasks < 1:
+            raise ConfigError(f"tasks.n_tasks={n_tasks}: must be >= 1")
+        g = torch.Generator().manual_seed(10_000 + seed)
+        d = x[0].numel()
+        for t in range(n_tasks):
+            perm = torch.arange(d) if t == 0 else torch.randperm(d, generator=g)
+
+            def apply(a: Tensor, perm: Tensor = perm) -> Tensor:
+                return a.reshape(len(a), -1)[:, perm].reshape(a.shape)
+
+            tasks.append(Task(f"perm{t}", apply(x[:train_size]), y[:train_size], apply(xt[:test_size]),
+                              yt[:test_size], torch.arange(10)))
+    return tasks
+
+
+def _masked(logits: Tensor, cols: Tensor) -> Tensor:
+    """Logits of the task's classes (``cols`` per example, (B, k), or shared, (k,))."""
+    if cols.dim() == 1:
+        return logits[:, cols]
+    return logits.gather(1, cols)
+
+
+def _local(y: Tensor, cols: Tensor) -> Tensor:
+    c = cols if cols.dim() == 2 else cols.expand(len(y), -1)
+    return (c == y[:, None]).to(torch.int64).argmax(1)
+
+
+def task_loss(model: nn.Module, x: Tensor, y: Tensor, cols: Tensor) -> Tensor:
+    """Mean cross-entropy over the task's classes."""
+    return F.cross_entropy(_masked(model(x), cols), _local(y, cols))
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor, cols: Tensor, posterior: Any, samples: int, seed: int) -> Tensor:
+    """BMA probabilities over the task's classes (mean weights if ``samples == 0``)."""
+    if posterior is None or samples == 0:
+        return F.softmax(_masked(model(x), cols), -1)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.zeros(len(x), len(cols))
+    for _ in range(samples):
+        with posterior.sampled(model, generator=g):
+            probs += F.softmax(_masked(model(x), cols), -1)
+    return probs / samples
+
+
+def forgetting(acc: list[list[float]]) -> float:
+    r""":math:`F_t=\frac1{t-1}\sum_{j<t}(\max_{l<t}R_{l,j}-R_{t,j})` of the last row of the accuracy matrix."""
+    t = len(acc)
+    if t < 2:
+        return 0.0
+    return sum(max(acc[l][j] for l in range(j, t - 1)) - acc[t - 1][j] for j in range(t - 1)) / (t - 1)
+
+
+def _evaluate(model: nn.Module, tasks: list[Task], posterior: Any, samples: int, seed: int) -> dict[str, Any]:
+    accs, probs, labels = [], [], []
+    model.eval()
+    for task in tasks:
+        p = _predict(model, task.x_test, task.cols, posterior, samples, seed)
+        local = _local(task.y_test, task.cols)
+        accs.append(float((p.argmax(1) == local).float().mean()))
+        probs.append(p)
+        labels.append(local)
+    model.train()
+    # ECE over the seen tasks (split: two-class predictive of each task; pad to a common width)
+    k = max(p.shape[1] for p in probs)
+    padded = torch.cat([F.pad(p, (0, k - p.shape[1])) for p in probs])
+    return {"acc": accs, "ece": ece_metric(padded, torch.cat(labels))}
+
+
+class _Method:
+    """One method's learner over the task sequence."""
+
+    def __init__(self, name: str, cfg: ContinualConfig, model: nn.Module):
+        self.name, self.cfg, self.model = name, cfg, model
+        self.opt: Any = None
+        self.seen: list[Task] = []
+        self.memory: list[tuple[Tensor, Tensor, Tensor]] = []  # (x, y, cols per example)
+
+    def posterior(self) -> Any:
+        return None if self.name == "adamw" else self.opt.posterior(self.model)
+
+    def begin(self, task: Task) -> None:
+        import vbpc
+
+        lc = self.cfg.learner
+        kw = dict(lc.kwargs)
+        ess = float(kw.pop("ess", len(task)))
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        if self.name == "adamw":
+            if self.opt is None:
+                self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.adamw_lr, weight_decay=lc.weight_decay)
+            return
+        if self.opt is None or self.name == "naive":
+            if self.opt is None:
+                self.opt = vbpc.IVON(named, lr=lc.lr, ess=ess, weight_decay=lc.weight_decay, model=self.model, **kw)
+            return
+        prior = self.opt.posterior(self.model)
+        prior = vbpc.DiagonalGaussian.from_state_dict(prior.state_dict())  # a frozen copy
+        correction = self.name == "poco"
+        n_old = sum(len(t) for t in self.seen)
+        weight = self.cfg.tasks.memory_weight or n_old
+        if correction and not self.memory:
+            raise ValueError("method 'poco' needs a replay memory: tasks.memory_per_task must be >= 1")
+        self.opt = vbpc.ContinualIVON(named, lr=lc.lr, ess=ess, prior=prior, model=self.model,
+                                      weight_decay=lc.weight_decay, correction=correction,
+                                      memory_weight=weight if correction else None, **kw)
+
+    def step(self, x: Tensor, y: Tensor, cols: Tensor, memory_batch: Optional[Callable[[], tuple]]) -> Tensor:
+        model, opt = self.model, self.opt
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = task_loss(model, x, y, cols)
+            loss.backward()
+            return loss
+
+        if self.name == "adamw":
+            return opt.step(closure)
+        if self.name == "poco" and isinstance(opt, _continual_cls()):
+            assert memory_batch is not None
+            xm, ym, cm = memory_batch()
+
+            def mem() -> Tensor:
+                opt.zero_grad()
+                loss = task_loss(model, xm, ym, cm)
+                loss.backward()
+                return loss
+            return opt.step(closure, memory=mem)
+        return opt.step(closure)
+
+    def remember(self, task: Task, k: int, g: torch.Generator) -> None:
+        self.seen.append(task)
+        if self.name != "poco" or k <= 0:
+            return
+        idx = torch.randperm(len(task), generator=g)[:k]
+        self.memory.append((task.x[idx], task.y[idx], task.cols.expand(len(idx), -1)))
+
+
+def _continual_cls() -> type:
+    from ..inference.continual import ContinualIVON
+
+    return ContinualIVON
+
+
+def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Task], log: Callable[[dict], None],
+                    out: Path) -> list[dict[str, Any]]:
+    tc = cfg.tasks
+    seed_everything(seed)
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    m = _Method(method, cfg, model)
+    g = torch.Generator().manual_seed(seed)
+    acc_rows: list[list[float]] = []
+    rows = []
+    for t, task in enumerate(tasks):
+        m.begin(task)
+        memory = None
+        if m.memory:
+            mx = torch.cat([a for a, _, _ in m.memory])
+            my = torch.cat([b for _, b, _ in m.memory])
+            mc = torch.cat([c for _, _, c in m.memory])
+
+            def memory() -> tuple[Tensor, Tensor, Tensor]:
+                i = torch.randint(len(my), (min(tc.memory_batch_size, len(my)),), generator=g)
+                return mx[i], my[i], mc[i]
+        t0 = time.perf_counter()
+        steps = tc.epochs * math.ceil(len(task) / tc.batch_size)
+        bar = tqdm(total=steps, desc=f"{method} s{seed} task {t + 1}/{len(tasks)}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        losses = []
+        for _ in range(tc.epochs):
+            perm = torch.randperm(len(task), generator=g)
+            for i in range(0, len(task), tc.batch_size):
+                idx = perm[i:i + tc.batch_size]
+                loss = m.step(task.x[idx], task.y[idx], task.cols, memory)
+                losses.append(float(loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        m.remember(task, tc.memory_per_task, g)
+        ev = _evaluate(model, tasks[:t + 1], m.posterior(), cfg.test_samples, seed)
+        acc_rows.append(ev["acc"])
+        row = {"method": method, "seed": seed, "task": t + 1, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
+               "acc": ev["acc"], "avg_acc": sum(ev["acc"]) / len(ev["acc"]), "forgetting": forgetting(acc_rows),
+               "ece": ev["ece"], "seconds": time.perf_counter() - t0}
+        log(row)
+        rows.append(row)
+    post = m.posterior()
+    ckpt.save(out / f"{method}_seed{seed}.safetensors", model, post,
+              spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+              extra={"method": method, "seed": seed, "config": to_dict(cfg)})
+    return rows
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    mu = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mu, sd
+
+
+def summarize(rows: list[dict[str, Any]], methods: list[str], n_tasks: int) -> dict[str, Any]:
+    """Per method and task: mean and std over seeds of average accuracy, forgetting and ECE."""
+    out: dict[str, Any] = {}
+    for meth in methods:
+        per = {}
+        for t in range(1, n_tasks + 1):
+            sel = [r for r in rows if r["method"] == meth and r["task"] == t]
+            per[t] = {k: _mean_std([r[k] for r in sel]) for k in ("avg_acc", "forgetting", "ece")}
+        out[meth] = per
+    return out
+
+
+def markdown(summary: dict[str, Any], n_tasks: int, seeds: list[int], scenario: str) -> str:
+    """The README table: final average accuracy, forgetting and ECE, plus A_t after each task."""
+    head = ["method", "avg acc (final)", "forgetting (final)", "ECE (final)"] + [f"A_{t}" for t in range(1, n_tasks + 1)]
+    lines = [f"{scenario} Fashion-MNIST, {n_tasks} tasks, {len(seeds)} seeds (mean ± std)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for meth, per in summary.items():
+        fin = per[n_tasks]
+        cells = [meth] + [f"{fin[k][0]:.4f} ± {fin[k][1]:.4f}" for k in ("avg_acc", "forgetting", "ece")]
+        cells += [f"{per[t]['avg_acc'][0]:.3f}" for t in range(1, n_tasks + 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], n_tasks: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..evaluation.plots import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    ts = list(range(1, n_tasks + 1))
+    for meth, per in summary.items():
+        for ax, key in zip(axes, ("avg_acc", "forgetting", "ece")):
+            mu = [per[t][key][0] for t in ts]
+            sd = [per[t][key][1] for t in ts]
+            ax.plot(ts, mu, marker="o", label=meth)
+            ax.fill_between(ts, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)], alpha=0.2)
+    for ax, lab in zip(axes, ("average accuracy", "forgetting", "ECE (seen tasks)")):
+        ax.set_xlabel("tasks seen")
+        ax.set_title(lab)
+        ax.set_xticks(ts)
+    axes[0].legend()
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
+    """Run every method x seed over the task sequence; write the log, table, plot and posteriors."""
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad or not cfg.methods:
+        raise ConfigError(f"methods={cfg.methods!r}: each one of {METHODS}")
+    if not cfg.seeds:
+        raise ConfigError("seeds: at least one seed")
+    if "poco" in cfg.methods and cfg.tasks.memory_per_task < 1:
+        raise ConfigError("method 'poco' corrects on a replay memory: tasks.memory_per_task must be >= 1 "
+                          "(an empty memory cannot estimate the correction term of eq. 29)")
+    if cfg.learner.name != "ivon":
+        raise ConfigError(f"learner.name={cfg.learner.name!r}: the continual methods are IVON-based ('ivon')")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    log_path.write_text("")
+    rows: list[dict[str, Any]] = []
+
+    def log(row: dict) -> None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if cfg.progress:
+            tqdm.write(f"{row['method']:>6} seed {row['seed']} task {row['task']}: avg acc {row['avg_acc']:.4f} "
+                       f"forgetting {row['forgetting']:.4f} ECE {row['ece']:.4f} ({row['seconds']:.1f}s)")
+
+    t0 = time.perf_counter()
+    tasks_by_seed = {}
+    for seed in cfg.seeds:
+        tc = cfg.tasks
+        tasks = tasks_by_seed.setdefault(seed, make_tasks(tc.scenario, tc.n_tasks, root=tc.root,
+                                                           train_size=tc.train_size, test_size=tc.test_size, seed=seed))
+        for meth in cfg.methods:
+            rows += _train_sequence(cfg, meth, seed, tasks, log, out)
+    n = cfg.tasks.n_tasks
+    summary = summarize(rows, cfg.methods, n)
+    table = markdown(summary, n, cfg.seeds, cfg.tasks.scenario)
+    atomic_write_text(out / "results.md", table)
+    atomic_write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "summary": summary, "rows": rows},
+                                                       indent=1))
+    _plot(summary, n, out / "continual.png", f"{cfg.tasks.scenario} Fashion-MNIST")
+    return {"out": str(out), "table": table, "summary": summary, "seconds": time.perf_counter() - t0}
