@@ -104,6 +104,8 @@ class TasksConfig:
     memory_per_task: int = 200  #: replay-memory examples kept from each old task (method poco)
     memory_batch_size: int = 128
     memory_weight: Optional[float] = None  #: N_old of eq. (29) (None: the old tasks' sizes, unbiased)
+    ess: str = "task"  #: λ of task t: "task" (N_new; the memory weighs N_old/N_new) or "all" (every example seen)
+    memory_curvature_mc: int = 4  #: antithetic draws for the memory's Hessian under q_old (set_memory_curvature)
     root: Optional[str] = None  #: Fashion-MNIST directory (None: the Debian package)
 
 

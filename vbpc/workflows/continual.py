@@ -185,9 +185,18 @@ class _Method:
         weight = self.cfg.tasks.memory_weight or n_old
         if correction and not self.memory:
             raise ValueError("method 'poco' needs a replay memory: tasks.memory_per_task must be >= 1")
-        self.opt = vbpc.ContinualIVON(named, lr=lc.lr, ess=ess, prior=prior, model=self.model,
+        if self.cfg.tasks.ess not in ("task", "all"):
+            raise ConfigError(f"tasks.ess={self.cfg.tasks.ess!r}: 'task' or 'all'")
+        if self.cfg.tasks.ess == "all":  # λ = every example seen: N_new/λ + N_old/λ = 1
+            ess = float(n_old + len(task))
+        self.opt = vbpc.ContinualIVON(named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
                                       weight_decay=lc.weight_decay, correction=correction,
                                       memory_weight=weight if correction else None, **kw)
+        if correction:
+            bs = self.cfg.tasks.memory_batch_size
+            chunks = [(x[i:i + bs], y[i:i + bs], c[i:i + bs]) for x, y, c in self.memory for i in range(0, len(y), bs)]
+            self.opt.set_memory_curvature(lambda b: task_loss(self.model, *b), chunks,
+                                          mc_samples=self.cfg.tasks.memory_curvature_mc)
 
     def step(self, x: Tensor, y: Tensor, cols: Tensor, memory_batch: Optional[Callable[[], tuple]]) -> Tensor:
         model, opt = self.model, self.opt
@@ -256,7 +265,7 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
             for i in range(0, len(task), tc.batch_size):
                 idx = perm[i:i + tc.batch_size]
                 loss = m.step(task.x[idx], task.y[idx], task.cols, memory)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
