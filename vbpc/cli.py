@@ -106,7 +106,7 @@ def _continual(args: argparse.Namespace) -> int:
 def _add_continual(sub: Any) -> None:
     p = sub.add_parser(
         "continual", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a replay memory",
+        help="continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a memory",
         description="Methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29). Config keys (vbpc.config."
                     "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
                     "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, root}; "
@@ -200,7 +200,11 @@ def _recipe(module: str):
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    _recipe(args.recipe).run(args)
+    from .recipes._cli import apply_config
+
+    module = _recipe(args.recipe)
+    args = apply_config(module.add_arguments(argparse.ArgumentParser()), args)
+    module.run(args)
     return 0
 
 

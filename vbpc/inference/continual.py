@@ -7,10 +7,12 @@ and :math:`\delta m\to\delta_v\odot(m-m_0)`.  :class:`ContinualIVON` runs IVON's
 with the state :math:`\tilde h=h+\delta_v-\delta` (scalar δ = the group's ``weight_decay``):
 
 .. math::
-    \tilde h+\delta &= h+\delta_v \quad(\text{so } \sigma=1/\sqrt{\lambda(h+\delta_v)}\text{ and the Price estimate (5) are exact})\\
+    \tilde h+\delta &= h+\delta_v \quad(\text{so } \sigma=1/\sqrt{\lambda(h+\delta_v)}
+        \text{ and the Price estimate (5) are exact})\\
     \tilde h' &= \beta_2\tilde h+(1-\beta_2)(\hat h+\Delta)+\tfrac12(1-\beta_2)^2
         \frac{(\tilde h-(\hat h+\Delta))^2}{\tilde h+\delta},\quad \Delta=\delta_v-\delta \\
-    m' &= m-\eta_t\,\mathrm{clip}\Big(\frac{g/c_t+\delta m+e}{\tilde h'+\delta}\Big),\quad e=\delta_v\odot(m-m_0)-\delta m
+    m' &= m-\eta_t\,\mathrm{clip}\Big(\frac{g/c_t+\delta m+e}{\tilde h'+\delta}\Big),\quad
+        e=\delta_v\odot(m-m_0)-\delta m
 
 which is (8)-(9) with the vector prior, term by term (substitute :math:`\tilde h=h+\Delta`).  The
 posterior view :meth:`posterior` then has precision :math:`\lambda(\tilde h+\delta)=\lambda h+p_0`, the

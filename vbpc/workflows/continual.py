@@ -132,7 +132,7 @@ def forgetting(acc: list[list[float]]) -> float:
     t = len(acc)
     if t < 2:
         return 0.0
-    return sum(max(acc[l][j] for l in range(j, t - 1)) - acc[t - 1][j] for j in range(t - 1)) / (t - 1)
+    return sum(max(acc[k][j] for k in range(j, t - 1)) - acc[t - 1][j] for j in range(t - 1)) / (t - 1)
 
 
 def _evaluate(model: nn.Module, tasks: list[Task], posterior: Any, samples: int, seed: int) -> dict[str, Any]:
@@ -172,7 +172,8 @@ class _Method:
         named = [(n, p) for n, p in self.model.named_parameters()]
         if self.name == "adamw":
             if self.opt is None:
-                self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.adamw_lr, weight_decay=lc.weight_decay)
+                self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.adamw_lr,
+                                             weight_decay=lc.weight_decay)
             return
         if self.opt is None or self.name == "naive":
             if self.opt is None:
@@ -304,7 +305,8 @@ def summarize(rows: list[dict[str, Any]], methods: list[str], n_tasks: int) -> d
 
 def markdown(summary: dict[str, Any], n_tasks: int, seeds: list[int], scenario: str) -> str:
     """The README table: final average accuracy, forgetting and ECE, plus A_t after each task."""
-    head = ["method", "avg acc (final)", "forgetting (final)", "ECE (final)"] + [f"A_{t}" for t in range(1, n_tasks + 1)]
+    head = ["method", "avg acc (final)", "forgetting (final)", "ECE (final)"]
+    head += [f"A_{t}" for t in range(1, n_tasks + 1)]
     lines = [f"{scenario} Fashion-MNIST, {n_tasks} tasks, {len(seeds)} seeds (mean ± std)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for meth, per in summary.items():
