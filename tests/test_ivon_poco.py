@@ -250,3 +250,39 @@ def test_warmup_is_plain_ivon_then_refreshes_on_schedule():
             assert opt.anchor.refreshes == 2 and opt.anchor.step == 7  # t = 3 and 7
             assert opt.n_intervals == 2 and opt.alpha == 0.0  # linspace(0.8, 0, 2)[1] in the last interval
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_sample_then_step_equals_step_with_closure_bitwise():
+    """``sample(closure)`` k times + ``step()`` (the Trainer protocol) == ``step(closure)`` with
+    ``mc_samples=k`` on the same batch and seed (α > 0: the anchor pass runs in both)."""
+    import copy
+
+    from helpers import ce_closure
+
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    runs = []
+    for mode in ("closure", "sample"):
+        model = copy.deepcopy(base)
+        opt = vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=24, mc_samples=2, alpha=0.5, anchor_period=3)
+        loss_fn = lambda b, model=model: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+        torch.manual_seed(1)
+        for t in range(5):
+            if opt.refresh_due:
+                opt.refresh(loss_fn, [(x[:12], y[:12]), (x[12:], y[12:])], progress=False)
+            closure = ce_closure(model, opt, x[t:t + 8], y[t:t + 8])
+            if mode == "closure":
+                opt.step(closure)
+            else:
+                opt.sample(closure)
+                opt.sample(closure)
+                opt.step()
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(o1.state[p]["hess"], o2.state[q]["hess"])
+    assert o1.counters == o2.counters
+    with pytest.raises(vbpc.errors.SamplingError, match="sample"):
+        o2.step()

@@ -279,6 +279,10 @@ class ContinualIVON(IVONPoCo):
         self.t += 1
         return loss
 
+    def sample(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Not supported: a step needs the new batch and the memory together (``step(closure, memory=)``)."""
+        raise SamplingError("ContinualIVON collects its samples in step(closure, memory=...); sample() is IVON-PoCo's")
+
     def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
         if self.correction:
             return super()._closure_sample(closure)

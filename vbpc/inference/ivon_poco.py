@@ -125,6 +125,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
         self._alpha_now = 0.0
         self._anchor_pass = False
+        self._pairs = 0  # samples collected by sample() for the next step()
 
     def _anchor_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in self._trainable(g)]
@@ -184,16 +185,47 @@ class IVONPoCo(CorrectionSchedule, IVON):
 
         ``batch_size`` (optional) feeds ``counters["inner_examples"]`` (gradient evaluations)."""
         if closure is None:
-            raise SamplingError("IVONPoCo.step needs a closure (it evaluates the same batch twice)")
-        self._check_refresh()
-        self._alpha_now = self.alpha
-        self._anchor_pass = self._alpha_now != 0.0 or (self.force_anchor_pass and self.anchor.ready)
-        loss = super().step(closure)
-        passes = self.mc_samples * (2 if self._anchor_pass else 1)
+            if not self._pairs:
+                raise SamplingError("IVONPoCo.step needs a closure (it evaluates the same batch twice), or "
+                                    "samples collected with IVONPoCo.sample(closure) first")
+            samples, self._pairs = self._pairs, 0
+            loss = super().step(None)
+        else:
+            if self._pairs:
+                raise SamplingError("IVONPoCo.step(closure) with samples pending from sample(): call step() "
+                                    "without a closure to use them")
+            self._begin_step()
+            samples = self.mc_samples
+            loss = super().step(closure)
+        passes = samples * (2 if self._anchor_pass else 1)
         self.counters["inner_passes"] += passes
         if batch_size is not None:
             self.counters["inner_examples"] += passes * int(batch_size)
         self.t += 1
+        return loss
+
+    def _begin_step(self) -> None:
+        """Fix α_t and whether the anchor pass runs, once per step."""
+        self._check_refresh()
+        self._alpha_now = self.alpha
+        self._anchor_pass = self._alpha_now != 0.0 or (self.force_anchor_pass and self.anchor.ready)
+
+    def sample(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Collect one MC sample of the next step from ``closure`` (the current and the anchor pass on
+        the same batch, replayed RNG) without updating; a later ``step()`` without closure uses every
+        sample collected since the last step.  For loops that own the step and accumulate over
+        micro-batches (``transformers.Trainer``, :class:`vbpc.integrations.hf.VBTrainer`)."""
+        if self._active:
+            raise SamplingError("IVONPoCo.sample() inside sampled_params(); leave the context first")
+        if not self._pairs:
+            self._begin_step()
+        try:
+            loss = self._closure_sample(closure)
+        except BaseException:
+            self._reset_samples()
+            self._pairs = 0
+            raise
+        self._pairs += 1
         return loss
 
     def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
