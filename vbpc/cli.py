@@ -10,6 +10,7 @@ Subcommands grow with the toolkit; today:
 * ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
 * ``vbpc train CONFIG [--set key=value] [--resume]``: :func:`vbpc.workflows.train`;
 * ``vbpc continual CONFIG [--set key=value]``: :func:`vbpc.workflows.continual.run_continual`;
+* ``vbpc merge-eval CONFIG``: :func:`vbpc.workflows.merging.run_merging` (merging evaluated per task);
 * ``vbpc merge BASE CK1 CK2 ...``: precision-weighted merging of posteriors (eq. 31);
 * ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
   table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
@@ -118,6 +119,29 @@ def _add_continual(sub: Any) -> None:
     p.set_defaults(func=_continual)
 
 
+def _merge_eval(args: argparse.Namespace) -> int:
+    from .config import MergeConfig, load_config
+    from .workflows.merging import run_merging
+
+    result = run_merging(load_config(args.config, args.set, cls=MergeConfig))
+    print(result["table"], end="")
+    print(f"wrote {result['out']}/results.md, results.json, metrics.jsonl ({result['seconds']:.0f} s)")
+    return 0
+
+
+def _add_merge_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="finetune one posterior per task from a common base, merge them (eq. 31), score every task",
+        description="Config keys (vbpc.config.MergeConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), "
+                    "n_tasks, train_size, test_size, batch_size, epochs, root}; learner.{name (ivon), lr, "
+                    "weight_decay, kwargs}; base_size; base_epochs; seeds; out; progress. Merges: precision (eq. 31), "
+                    "hessian, average (task arithmetic 1/T) and task arithmetic with scale 1.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/merge_permuted.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_merge_eval)
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config (checkpoints, --resume, metrics log, curves)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -221,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_run_recipe, recipe=module)
     _add_train(sub)
     _add_continual(sub)
+    _add_merge_eval(sub)
     _add_evaluate(sub)
     _add_merge(sub)
     return ap

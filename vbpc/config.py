@@ -19,7 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "ContinualConfig", "TasksConfig", "from_dict", "load_config", "to_dict"]
+__all__ = ["ConfigError", "TrainConfig", "ContinualConfig", "TasksConfig", "MergeConfig", "from_dict", "load_config",
+           "to_dict"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -240,3 +241,18 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] 
             raise ConfigError(f"--set expects key=value, got {item!r}")
         _set(tree, key.strip(), yaml.safe_load(raw))
     return from_dict(tree, TrainConfig if cls is None else cls)
+
+
+@dataclass
+class MergeConfig:
+    """``vbpc merge-eval``: finetune one posterior per task from a common base, merge (eq. 31)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("mlp", {"hidden": [256, 256]}))
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(
+        "ivon", 0.5, 1e-4, {"hess_init": 0.5, "beta2": 0.999}))
+    base_size: int = 10000  #: examples of the base (all classes, the first task's pixels) posterior
+    base_epochs: int = 1
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out: str = "runs/merge"
+    progress: bool = True
