@@ -88,3 +88,26 @@ def test_flatten_round_trip():
     assert isinstance(back["b"][3], tuple) and torch.equal(back["b"][3][0], torch.ones(2))
     with pytest.raises(TypeError, match="cannot serialise"):
         checkpoint.flatten_state({"f": object()}, "s", {})
+
+
+def test_checkpoint_holds_the_prior(tmp_path):
+    """The prior travels with the posterior: the isotropic IVON prior and a ContinualIVON's
+    vector prior N(m_old, diag(p_old)^{-1}) round-trip exactly."""
+    import vbpc
+    from vbpc import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ivon = vbpc.IVON(model.parameters(), lr=0.1, ess=50, weight_decay=1e-3)
+    post = ivon.posterior(model)
+    opt = vbpc.ContinualIVON(model.parameters(), lr=0.1, ess=20, prior=post, model=model)
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, model, opt.posterior(model), prior=opt.prior())
+    ck = checkpoint.load(path, torch.nn.Linear(4, 3))
+    assert ck.prior is not None
+    for n in post.names:
+        assert torch.equal(ck.prior.mean[n], post.mean[n])
+        torch.testing.assert_close(ck.prior.precision[n], post.precision[n])  # λ δ_v = p_old
+    checkpoint.save(path, model, post, prior=post.prior())
+    assert torch.equal(checkpoint.load(path, torch.nn.Linear(4, 3)).prior.precision["weight"],
+                       torch.full((3, 4), 50 * 1e-3))

@@ -97,14 +97,16 @@ class Checkpoint:
     spec: Optional[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    prior: Optional[GaussianPosterior] = None  #: the prior the posterior was trained under (if saved)
 
 
 def save(path: PathLike, model: nn.Module, posterior: Optional[GaussianPosterior] = None, *,
          spec: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
-         state: Optional[Mapping[str, Any]] = None) -> None:
+         state: Optional[Mapping[str, Any]] = None, prior: Optional[GaussianPosterior] = None) -> None:
     """Write ``model``'s state, ``posterior`` and metadata to ``path`` (safetensors, atomically).
 
     ``state`` holds further nested tensor states (optimizer, scheduler, RNG: what resuming needs);
+    ``prior`` the prior of the posterior (e.g. ``ContinualIVON.prior()``, ``IVON.posterior().prior()``);
     ``extra`` plain JSON."""
     if spec is not None and "name" not in spec:
         raise ValueError("spec must be {'name': <vbpc.models.build_model name>, 'kwargs': {...}}")
@@ -116,6 +118,7 @@ def save(path: PathLike, model: nn.Module, posterior: Optional[GaussianPosterior
         "spec": dict(spec) if spec is not None else None,
         "extra": dict(extra or {}),
         "state": flatten_state(dict(state or {}), "state", tensors),
+        "prior": None if prior is None else flatten_state(prior.state_dict(), "prior", tensors),
     }
     meta = {"vbpc": json.dumps(skeleton)}
     with atomic_path(path) as tmp:
@@ -155,4 +158,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
     if skeleton.get("posterior") is not None:
         posterior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["posterior"], tensors), model)
     state = unflatten_state(skeleton["state"], tensors) if skeleton.get("state") is not None else {}
-    return Checkpoint(model, posterior, spec, skeleton.get("extra", {}), state)
+    prior = None
+    if skeleton.get("prior") is not None:
+        prior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["prior"], tensors))
+    return Checkpoint(model, posterior, spec, skeleton.get("extra", {}), state, prior)

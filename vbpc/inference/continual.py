@@ -182,6 +182,7 @@ class ContinualIVON(IVONPoCo):
         :math:`\lambda h_0`)."""
         entries = self._prior_entries(prior, model)
         means, rsqrt, ess_old = [], [], []
+        self._prior_names = [e.name for e in entries]
         it = iter(entries)
         for g in self.param_groups:
             lam, wd = float(g["ess"]), float(g["weight_decay"])
@@ -205,15 +206,15 @@ class ContinualIVON(IVONPoCo):
         self.anchor.publish(means, None, None, extra={"rsqrt": rsqrt, "ess": ess_old})  # type: ignore[arg-type]
 
     def prior(self) -> DiagonalGaussian:
-        r"""The prior :math:`\mathcal N(m_0,\mathrm{diag}(\lambda\delta_v)^{-1})` as a posterior object (copies)."""
+        r"""The prior :math:`\mathcal N(m_0,\mathrm{diag}(\lambda\delta_v)^{-1})` as a posterior object
+        (copies; named as the prior it was built from)."""
         entries = []
         o = 0
         assert self.anchor.mean is not None
         for g in self.param_groups:
             for p in self._trainable(g):
                 st = self.state[p]
-                name = self._names([p])[0]
-                entries.append(_Entry(name, self.anchor.mean[o].clone(), st["prior_delta"].clone(),
+                entries.append(_Entry(self._prior_names[o], self.anchor.mean[o].clone(), st["prior_delta"].clone(),
                                       float(g["ess"]), 0.0))
                 o += 1
         return DiagonalGaussian(entries)

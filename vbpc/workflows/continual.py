@@ -279,7 +279,8 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
         log(row)
         rows.append(row)
     post = m.posterior()
-    ckpt.save(out / f"{method}_seed{seed}.safetensors", model, post,
+    prior = m.opt.prior() if hasattr(m.opt, "prior") else (post.prior() if post is not None else None)
+    ckpt.save(out / f"{method}_seed{seed}.safetensors", model, post, prior=prior,
               spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
               extra={"method": method, "seed": seed, "config": to_dict(cfg)})
     return rows

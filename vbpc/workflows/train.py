@@ -81,8 +81,17 @@ def _posterior(opt: torch.optim.Optimizer, model: nn.Module) -> Any:
 def _save(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
     extra = {"config": to_dict(cfg), "step": step, "learner": cfg.learner.name}
     tensors_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state_dict()}
-    ckpt.save(path, model, _posterior(opt, model), spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
-              extra=extra, state=tensors_state)
+    post = _posterior(opt, model)
+    ckpt.save(path, model, post, spec={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+              extra=extra, state=tensors_state, prior=_prior(post))
+
+
+def _prior(post: Any) -> Any:
+    """The isotropic prior N(0, 1/(λδ)) of an IVON-family posterior (None where undefined)."""
+    try:
+        return post.prior() if post is not None and hasattr(post, "prior") else None
+    except ValueError:  # weight_decay = 0: an improper prior
+        return None
 
 
 def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path,
