@@ -22,6 +22,7 @@ def test_merge_eval_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     for m in ("| base |", "| individual |", "| precision |", "| hessian |", "| average |", "| task-arithmetic |"):
         assert m in out
+    assert (tmp_path / "merging.png").stat().st_size > 5000
     rows = {r["method"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert len(rows["precision"]["acc"]) == 3
     # the base never saw perm1/perm2; each finetune learns its own task well above chance (0.1)

@@ -11,7 +11,8 @@ evaluated on each task, next to task arithmetic.
    case) and task arithmetic with scale 1 (:func:`vbpc.inference.merge.task_arithmetic`).
 
 Every model is scored at its mean weights on every task's test set (the head masked to the
-task's classes).  Writes ``results.md``/``results.json`` (mean ± std over seeds) and ``metrics.jsonl``.
+task's classes).  Writes ``results.md``/``results.json`` (mean ± std over seeds), ``metrics.jsonl`` and
+``merging.png``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,31 @@ def run_merging(cfg: MergeConfig) -> dict[str, Any]:
     table = _table(rows, names, cfg)
     atomic_write_text(out / "results.md", table)
     atomic_write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows}, indent=1))
+    _plot(rows, names, out / "merging.png")
     return {"out": str(out), "table": table, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def _plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """Grouped bars: mean accuracy over seeds per task and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..evaluation.plots import save_figure
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 3.5))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        sel = [r for r in rows if r["method"] == m]
+        vals = [sum(r["acc"][j] for r in sel) / len(sel) for j in range(len(names))]
+        vals.append(sum(r["mean"] for r in sel) / len(sel))
+        ax.bar([j + i * width for j in range(len(names) + 1)], vals, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names) + 1)], [*names, "mean"])
+    ax.set_ylabel("test accuracy (mean weights)")
+    ax.legend(fontsize=7, ncol=3)
+    save_figure(fig, path)
 
 
 def _ms(xs: list[float]) -> str:
