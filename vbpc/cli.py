@@ -92,54 +92,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _continual(args: argparse.Namespace) -> int:
-    from .config import ContinualConfig, load_config
-    from .workflows.continual import run_continual
+def _config_command(sub: Any, name: str, cls_name: str, runner: str, example: str, help_: str,
+                    description: str, files: str) -> None:
+    """A subcommand ``vbpc NAME [CONFIG] [--set key=value]`` that runs a workflow on a typed config
+    (``vbpc.config.<cls_name>``) and prints its table and what it wrote."""
 
-    cfg = load_config(args.config, args.set, cls=ContinualConfig)
-    result = run_continual(cfg)
-    print(result["table"], end="")
-    print(f"wrote {result['out']}/results.md, results.json, metrics.jsonl, continual.png and the posteriors "
-          f"({result['seconds']:.0f} s)")
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from . import config
+        from .workflows import continual, merging
+
+        cfg = config.load_config(args.config, args.set, cls=getattr(config, cls_name))
+        module, fn = runner.split(".")
+        result = getattr({"continual": continual, "merging": merging}[module], fn)(cfg)
+        print(result["table"], end="")
+        print(f"wrote {files} to {result['out']} ({result['seconds']:.0f} s)")
+        return 0
+
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=help_,
+                       description=description)
+    p.add_argument("config", nargs="?", default=None, help=f"YAML config ({example})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tasks.epochs=2 --set 'seeds=[0, 1]' (repeatable)")
+    p.set_defaults(func=run)
 
 
 def _add_continual(sub: Any) -> None:
-    p = sub.add_parser(
-        "continual", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a memory",
-        description="Methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29). Config keys (vbpc.config."
-                    "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
-                    "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, root}; "
-                    "learner.{name (ivon), lr, weight_decay, kwargs}; methods (naive, vcl, poco, adamw); adamw_lr; "
-                    "seeds; test_samples; out; progress. Writes metrics.jsonl, results.md/json, continual.png.")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/continual_*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tasks.epochs=2 --set 'methods=[vcl, poco]' (repeatable)")
-    p.set_defaults(func=_continual)
-
-
-def _merge_eval(args: argparse.Namespace) -> int:
-    from .config import MergeConfig, load_config
-    from .workflows.merging import run_merging
-
-    result = run_merging(load_config(args.config, args.set, cls=MergeConfig))
-    print(result["table"], end="")
-    print(f"wrote {result['out']}/results.md, results.json, metrics.jsonl ({result['seconds']:.0f} s)")
-    return 0
+    _config_command(
+        sub, "continual", "ContinualConfig", "continual.run_continual", "examples/configs/continual_*.yaml",
+        "continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a memory",
+        "Methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29). Config keys (vbpc.config."
+        "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
+        "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, ess, "
+        "memory_curvature_mc, root}; learner.{name (ivon), lr, weight_decay, kwargs}; methods (naive, vcl, poco, "
+        "adamw); adamw_lr; seeds; test_samples; out; progress.",
+        "metrics.jsonl, results.md/json, continual.png and the posteriors")
 
 
 def _add_merge_eval(sub: Any) -> None:
-    p = sub.add_parser(
-        "merge-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="finetune one posterior per task from a common base, merge them (eq. 31), score every task",
-        description="Config keys (vbpc.config.MergeConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), "
-                    "n_tasks, train_size, test_size, batch_size, epochs, root}; learner.{name (ivon), lr, "
-                    "weight_decay, kwargs}; base_size; base_epochs; seeds; out; progress. Merges: precision (eq. 31), "
-                    "hessian, average (task arithmetic 1/T) and task arithmetic with scale 1.")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/merge_permuted.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.set_defaults(func=_merge_eval)
+    _config_command(
+        sub, "merge-eval", "MergeConfig", "merging.run_merging", "examples/configs/merge_permuted.yaml",
+        "finetune one posterior per task from a common base, merge them (eq. 31), score every task",
+        "Config keys (vbpc.config.MergeConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), "
+        "n_tasks, train_size, test_size, batch_size, epochs, root}; learner.{name (ivon), lr, weight_decay, "
+        "kwargs}; base_size; base_epochs; seeds; out; progress. Merges: precision (eq. 31), hessian, average "
+        "(task arithmetic 1/T) and task arithmetic with scale 1.",
+        "metrics.jsonl, results.md/json and merging.png")
 
 
 def _add_train(sub: Any) -> None:

@@ -94,6 +94,14 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def _mlp256() -> ModelConfig:
+    return ModelConfig("mlp", {"hidden": [256, 256]})
+
+
+def _fmnist_ivon() -> LearnerConfig:
+    return LearnerConfig("ivon", 0.5, 1e-4, {"hess_init": 0.5, "beta2": 0.999})
+
+
 @dataclass
 class TasksConfig:
     scenario: str = "split"  #: split (two-class tasks, the head masked to the task's classes) or permuted
@@ -114,10 +122,9 @@ class TasksConfig:
 class ContinualConfig:
     """``vbpc continual``: methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29)."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("mlp", {"hidden": [256, 256]}))
+    model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(
-        "ivon", 0.5, 1e-4, {"hess_init": 0.5, "beta2": 0.999}))
+    learner: LearnerConfig = field(default_factory=_fmnist_ivon)
     methods: list[str] = field(default_factory=lambda: ["naive", "vcl", "poco"])  #: naive, vcl, poco, adamw
     adamw_lr: float = 1e-3  #: learning rate of the adamw (naive finetuning) baseline
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -247,10 +254,9 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] 
 class MergeConfig:
     """``vbpc merge-eval``: finetune one posterior per task from a common base, merge (eq. 31)."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig("mlp", {"hidden": [256, 256]}))
+    model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(
-        "ivon", 0.5, 1e-4, {"hess_init": 0.5, "beta2": 0.999}))
+    learner: LearnerConfig = field(default_factory=_fmnist_ivon)
     base_size: int = 10000  #: examples of the base (all classes, the first task's pixels) posterior
     base_epochs: int = 1
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
