@@ -339,7 +339,7 @@ def _plot(summary: dict[str, Any], n_tasks: int, path: Path, title: str) -> None
         ax.set_title(lab)
         ax.set_xticks(ts)
     axes[0].legend()
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     save_figure(fig, path)
 
 
