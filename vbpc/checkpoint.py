@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .errors import StateDictMismatchError
+from .errors import CorruptCheckpointError, StateDictMismatchError
 from .io import atomic_path
 from .posterior import GaussianPosterior
 
@@ -131,16 +131,23 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
 
     ``model`` receives the weights (``load_state_dict(strict=strict)``); without it the model is
     rebuilt from the stored spec with :func:`vbpc.models.build_model`.  The posterior is bound to
-    the model.  Raises ``ValueError`` for a file that is not a vbpc checkpoint and
+    the model.  Raises :class:`~vbpc.errors.CorruptCheckpointError` for a truncated or corrupt file,
+    ``ValueError`` for a file that is not a vbpc checkpoint and
     :class:`~vbpc.errors.StateDictMismatchError` when the weights do not fit the model."""
-    tensors: dict[str, Tensor] = {}
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if "vbpc" not in meta:
-            raise ValueError(f"{path}: not a vbpc checkpoint (no 'vbpc' metadata; written by vbpc.checkpoint.save?)")
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    skeleton = json.loads(meta["vbpc"])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors: dict[str, Tensor] = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' SafetensorError: truncated, corrupt or not safetensors at all
+        raise CorruptCheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt): {exc}") from exc
+    if "vbpc" not in meta:
+        raise ValueError(f"{path}: not a vbpc checkpoint (no 'vbpc' metadata; written by vbpc.checkpoint.save?)")
+    try:
+        skeleton = json.loads(meta["vbpc"])
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(f"{path}: corrupt vbpc header: {exc}") from exc
     if skeleton.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {skeleton.get('format')!r}; expected {FORMAT!r}")
     spec = skeleton.get("spec")

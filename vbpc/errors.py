@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "SamplingError", "StateDictMismatchError"]
+__all__ = ["NonFiniteError", "SamplingError", "StateDictMismatchError", "CorruptCheckpointError"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -15,3 +15,7 @@ class SamplingError(RuntimeError):
 
 class StateDictMismatchError(ValueError):
     """A state dict or checkpoint does not match the object it is loaded into."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is truncated, corrupt or not a safetensors file; nothing was loaded."""

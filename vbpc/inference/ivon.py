@@ -197,6 +197,11 @@ class IVON(Optimizer):
             param_group["params"] = [p for _, p in params]
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_hparams(merged, f"param group {len(self.param_groups)}")
+        names = param_group.get("param_names") or [f"params[{j}]" for j in range(len(param_group["params"]))]
+        for p, name in zip(param_group["params"], names):
+            if not p.is_floating_point():
+                raise TypeError(f"{type(self).__name__} needs real floating-point parameters; {name!r} in param "
+                                f"group {len(self.param_groups)} has dtype {p.dtype}")
         super().add_param_group(param_group)
         self._ws.clear()
 
