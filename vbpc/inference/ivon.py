@@ -20,6 +20,7 @@ trajectories equal the reference's bit for bit (fp32 and fp64).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -50,6 +51,10 @@ __all__ = ["IVON"]
 HESS_APPROX = ("price", "gradsq")
 GRADSQ_SCALE = ("ess", "none")
 _STATE_VERSION = 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_hparams(h: dict, where: str = "") -> None:
@@ -171,6 +176,7 @@ class IVON(Optimizer):
         _check_hparams(defaults, "the constructor")
         self.mc_samples = mc_samples
         self.sync = bool(sync)
+        self._warned_drift = False
         self.parity = "ivon" if parity in (True, "ivon") else None
         self.state_dtype = state_dtype
         self.foreach = foreach
@@ -508,9 +514,18 @@ class IVON(Optimizer):
             )
         try:
             self._check_groups()
+            if _distributed():
+                if self.sync:  # before the finite check: a NaN on one rank must stop every rank
+                    self._sync_samples(losses)
+                elif not self._warned_drift:
+                    self._warned_drift = True
+                    warnings.warn(
+                        f"{type(self).__name__} under torch.distributed (world size {dist.get_world_size()}) with "
+                        "sync=False: every rank updates its own posterior from its own weight samples and the ranks "
+                        "drift apart. Pass sync=True (and run the backward under DDP's no_sync(), or without a DDP "
+                        "wrapper) so that the gradient and Price statistics are averaged over ranks.",
+                        RuntimeWarning, stacklevel=2)
             self._check_finite(losses)
-            if self.sync and dist.is_available() and dist.is_initialized():
-                self._sync_samples()
             self._update()
         finally:
             self._reset_samples()
@@ -563,11 +578,19 @@ class IVON(Optimizer):
                                          f"{tuple(p.shape)}); the step was skipped and no state changed")
         # only the sums overflowed: every entry is finite
 
-    def _sync_samples(self) -> None:
-        """Average the collected means over ranks (only accumulators that exist, fix 6)."""
+    def _sync_samples(self, losses: list[Tensor]) -> None:
+        """Average the collected means over ranks (only accumulators that exist, fix 6; the anchor
+        pass's too), so every rank applies the identical update: per-rank weight samples act as
+        extra MC samples.  A non-finite loss on any rank raises on every rank."""
         world = dist.get_world_size()
+        ok = torch.tensor([float(all(bool(torch.isfinite(loss).all()) for loss in losses))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 0.0:
+            raise NonFiniteError("a closure returned a non-finite loss on some rank; the step was skipped on "
+                                 "every rank and no state changed")
         for acc in self._acc.values():
-            for t in acc["ghat"] + acc["stat"]:
+            extra = acc["grad_out"] + acc["stat_out"] if self._count_out else []
+            for t in acc["ghat"] + acc["stat"] + extra:
                 dist.all_reduce(t)
                 t.div_(world)
 

@@ -173,7 +173,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
             extra={"hess": h_out, "rsqrt": rsqrt_out, "ess": ess_l, "weight_decay": wd_l},
             means=[self.state[p].get("mean", p) for p in params],  # fp32 masters where they exist
             names=self._names(params), model=self._norm.model if model is None else model, batch_size=batch_size,
-            max_examples=self.megabatch_size, progress=progress, step=self.t)
+            max_examples=self.megabatch_size, progress=progress, step=self.t, sync=self.sync)
         self.counters["refresh_passes"] += passes
         draws = self.refresh_mc * (2 if self.refresh_antithetic else 1)
         self.counters["refresh_examples"] += self.anchor.examples * draws  # gradient evaluations

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
@@ -124,12 +125,15 @@ class Anchor:
         batch_size: Optional[Callable[[Any], int]] = None,
         max_examples: Optional[int] = None,
         progress: bool = True,
+        sync: bool = False,
     ) -> tuple[list[Tensor], Optional[list[Tensor]], int, int]:
         r"""Chunk-size-weighted means of ``evaluate(batch) -> (grads, hessians or None, passes)`` over
         ``data``: :math:`\bar x \mathrel{+}= (|C|/N)(x_C-\bar x)` (exact example means even with a
         short last chunk).  RNG-neutral; with ``model`` its buffers (BatchNorm running statistics)
         are restored.  Raises on an empty iterable or non-finite statistics.  Returns
-        ``(ḡ, h̄, passes, examples)`` without publishing anything."""
+        ``(ḡ, h̄, passes, examples)`` without publishing anything.  With ``sync`` (under
+        ``torch.distributed``) each rank passes over its own shard and the means are combined,
+        weighted by the ranks' example counts, so every rank publishes the same anchor."""
         size_of = batch_size or batch_size_of
         g_bar: Optional[list[Tensor]] = None
         h_bar: Optional[list[Tensor]] = None
@@ -157,6 +161,8 @@ class Anchor:
                         break
             finally:
                 restore_rng(rng)
+        if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            g_bar, h_bar, seen = _allreduce_means(g_bar, h_bar, seen, params=self.params)
         if g_bar is None:
             raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
         for label, stats in (("gradient", g_bar), ("Hessian", h_bar or [])):
@@ -194,6 +200,7 @@ class Anchor:
         max_examples: Optional[int] = None,
         progress: bool = True,
         step: int = 0,
+        sync: bool = False,
     ) -> int:
         r"""Refresh for the isotropic and diagonal families (eq. 21): snapshot :math:`m_{out}` and
         compute :math:`\bar g_{out}` (and the Price :math:`\bar h_{out}`) over ``data``.
@@ -255,7 +262,7 @@ class Anchor:
             return g_c, h_c, draws
 
         g_bar, h_bar, passes, seen = self.accumulate(evaluate, data, names=names, model=model, batch_size=batch_size,
-                                                     max_examples=max_examples, progress=progress)
+                                                     max_examples=max_examples, progress=progress, sync=sync)
         self.publish(m_out, g_bar, h_bar, extra=extra, step=step, examples=seen,
                      sigma=float(scale) if isinstance(scale, (int, float)) else 0.0)
         return passes
@@ -305,6 +312,25 @@ class Anchor:
         self.step = int(state["step"])
         self.examples = int(state.get("examples", 0))
         self.generator.set_state(state["generator"])
+
+
+def _allreduce_means(g_bar: Optional[list[Tensor]], h_bar: Optional[list[Tensor]], seen: int,
+                     params: list[Tensor]) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]], int]:
+    """Example-weighted means over ranks (a rank that saw nothing contributes zeros)."""
+    n = torch.tensor([float(seen)])
+    flag = torch.tensor([1.0 if h_bar is not None else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    g = g_bar if g_bar is not None else [torch.zeros_like(p) for p in params]
+    h = h_bar if h_bar is not None else ([torch.zeros_like(p) for p in params] if flag.item() else None)
+    total = n.clone()
+    dist.all_reduce(total)
+    if total.item() == 0:
+        return None, None, 0
+    for t in g + (h or []):
+        t.mul_(n.item())
+        dist.all_reduce(t)
+        t.div_(total.item())
+    return g, h, int(total.item())
 
 
 class CorrectionSchedule:
