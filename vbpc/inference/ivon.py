@@ -177,6 +177,7 @@ class IVON(Optimizer):
         self.mc_samples = mc_samples
         self.sync = bool(sync)
         self._warned_drift = False
+        self.skipped_samples = 0  # non-finite samples dropped by sampled_params(skip_nonfinite=True)
         self.parity = "ivon" if parity in (True, "ivon") else None
         self.state_dtype = state_dtype
         self.foreach = foreach
@@ -403,7 +404,7 @@ class IVON(Optimizer):
         return draw, perturbation(targets, lambda: self._names(targets), owner, write, saved)
 
     @contextmanager
-    def sampled_params(self, train: bool = False) -> Iterator[None]:
+    def sampled_params(self, train: bool = False, skip_nonfinite: bool = False) -> Iterator[None]:
         """Load a weight sample :math:`\\theta=m+n` into the parameters (in place).
 
         On exit the means are restored bitwise (also after an exception, which drops the
@@ -411,6 +412,18 @@ class IVON(Optimizer):
         MC sample (``grad is None`` counts as zero).  Inside ``step(closure)`` the step
         already owns a sample, so this context is then a no-op (reference-style closures
         keep working).
+
+        ``skip_nonfinite=True`` drops a sample whose gradients are not finite instead of
+        collecting it (``skipped_samples`` counts them): the fp16 ``torch.amp.GradScaler`` recipe,
+        where an overflow is expected and the scaler skips the step::
+
+            with opt.sampled_params(train=True, skip_nonfinite=True):
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)      # true gradients before IVON reads them
+            scaler.step(opt)              # skipped on overflow: the posterior is untouched
+            scaler.update()
         """
         if self._closure_owned:
             yield
@@ -425,6 +438,9 @@ class IVON(Optimizer):
             finally:
                 self._active = False
         if train:
+            if skip_nonfinite and not self._finite_grads(draw):
+                self.skipped_samples += 1
+                return
             self._collect(draw)
 
     def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]], alias: bool = False,
@@ -471,6 +487,15 @@ class IVON(Optimizer):
                 product_(x, nz if price else gs, gs, foreach=fe)
                 if k > 1:
                     welford_(st_, x, k, scratch=x, foreach=fe)
+
+    @staticmethod
+    def _finite_grads(draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> bool:
+        grads = [p.grad for _, params, _ in draw for p in params if p.grad is not None]
+        if not grads:
+            return True
+        if bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
+            return True  # one host sync; the exact check only when a sum is not finite
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def _reset_samples(self) -> None:
         for ws in self._acc.values():
