@@ -404,7 +404,8 @@ class IVON(Optimizer):
         return draw, perturbation(targets, lambda: self._names(targets), owner, write, saved)
 
     @contextmanager
-    def sampled_params(self, train: bool = False, skip_nonfinite: bool = False) -> Iterator[None]:
+    def sampled_params(self, train: bool = False, skip_nonfinite: bool = False,
+                       zero_grad: bool = False) -> Iterator[None]:
         """Load a weight sample :math:`\\theta=m+n` into the parameters (in place).
 
         On exit the means are restored bitwise (also after an exception, which drops the
@@ -412,6 +413,15 @@ class IVON(Optimizer):
         MC sample (``grad is None`` counts as zero).  Inside ``step(closure)`` the step
         already owns a sample, so this context is then a no-op (reference-style closures
         keep working).
+
+        **Gradient accumulation.**  Each ``sampled_params(train=True)`` context is one MC sample:
+        with ``k`` micro-batches per step, open one context per micro-batch (``k`` samples, each
+        micro-batch's mean loss undivided: the learner averages) or one context around all ``k``
+        backward passes with the losses divided by ``k`` (one sample of the whole batch, equal to
+        a step on the concatenated batch).  ``zero_grad=True`` clears ``p.grad`` on entry, for loops
+        that skip ``zero_grad`` between micro-batches (``accelerate``'s ``accumulate``), so that a
+        sample never sees the previous micro-batch's gradients; ``Accelerator.backward`` divides
+        the loss by the accumulation count, so pass it ``loss * gradient_accumulation_steps``.
 
         ``skip_nonfinite=True`` drops a sample whose gradients are not finite instead of
         collecting it (``skipped_samples`` counts them): the fp16 ``torch.amp.GradScaler`` recipe,
@@ -431,6 +441,10 @@ class IVON(Optimizer):
         if self._active:
             raise SamplingError("IVON.sampled_params: a weight sample is already active; contexts cannot be nested")
         draw, ctx = self._sample_context("IVON.sampled_params")
+        if zero_grad and train:
+            for _, params, _ in draw:
+                for p in params:
+                    p.grad = None
         with ctx:
             self._active = True
             try:
