@@ -46,3 +46,14 @@ def test_bma_speed_writes_results(tmp_path):
     r = json.loads((tmp_path / "bma_speed.json").read_text())["results"][0]
     assert r["model"] == "mlp" and r["samples"] == 2 and r["ratios"]["vmap/(S*forward)"] > 0
     assert (tmp_path / "bma_speed.md").read_text().startswith("| model |")
+
+
+def test_gpu_check_exits_cleanly_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
+    import gpu_check
+
+    assert gpu_check.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out

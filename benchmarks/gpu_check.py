@@ -1,0 +1,206 @@
+"""GPU check: CUDA, bf16 and a single-GPU run of the character-LM benchmark (issue 7).
+
+Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_check.py [--steps 300]
+
+1. device, torch and CUDA versions;
+2. correctness on the GPU: IVON and IVON-PoCo steps on CUDA, the fp32 state under bf16 autocast
+   and with bf16 weights (h moves at β2 = 0.99999), a GradScaler (fp16) overflow step that leaves
+   the posterior bitwise unchanged, sampling restored bit for bit;
+3. whole-step time ratios (median of interleaved rounds) vbpc.IVON ÷ AdamW and IVON-PoCo ÷ IVON
+   on a GPT-2 4 x 256 at batch 16 x 128, and ``torch.cuda.max_memory_allocated`` per learner;
+4. a short character-LM run on Shakespeare (AdamW vs IVON, bf16 autocast): validation loss.
+
+On a machine without CUDA it prints why and exits with status 0 (nothing to check).
+Writes benchmarks/results/gpu_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vbpc
+from vbpc.io import atomic_write_text
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def correctness(dev: torch.device) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(dev)
+    x, y = torch.randn(256, 64, device=dev), torch.randint(0, 10, (256,), device=dev)
+    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=256, beta2=0.99999, hess_init=0.5)
+    saved = [p.detach().clone() for p in model.parameters()]
+    with opt.sampled_params():
+        pass
+    out["restore_bitwise"] = all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    hs = [opt.state[p]["hess"] for p in model.parameters()]
+    out["bf16_autocast_state_fp32"] = all(h.dtype == torch.float32 for h in hs)
+    out["h_moves_beta2_0.99999"] = any(bool((h != 0.5).any()) for h in hs)
+    poco = vbpc.IVONPoCo(model.parameters(), lr=0.05, ess=256, alpha=0.75, anchor_period=2)
+    loss_fn = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    for _ in range(4):
+        if poco.refresh_due:
+            poco.refresh(loss_fn, [(x, y)], progress=False)
+
+        def pclosure():
+            poco.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        poco.step(pclosure)
+    out["ivon_poco_finite"] = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 16)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.sampled_params(train=True, skip_nonfinite=True):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y) * 1e36
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    out["fp16_overflow_posterior_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return out
+
+
+def speed(dev: torch.device, rounds: int) -> dict:
+    from vbpc.models import char_gpt2
+
+    res = {}
+    x = torch.randint(0, 100, (16, 128), device=dev)
+
+    def make(kind):
+        torch.manual_seed(0)
+        model = char_gpt2(100, block_size=128, n_layer=4, n_embd=256, n_head=4).to(dev)
+        if kind == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+        elif kind == "ivon":
+            opt = vbpc.IVON(model.parameters(), lr=0.1, ess=1e6, hess_init=1e-2)
+        else:
+            opt = vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=1e6, hess_init=1e-2, alpha=0.75,
+                                anchor_period=10 ** 6)
+            opt.refresh(lambda b: model(input_ids=b, labels=b).loss, [x], progress=False)
+
+        def step():
+            def closure():
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return step
+
+    steps = {k: make(k) for k in ("adamw", "ivon", "ivon-poco")}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for f in steps.values():  # warm-up
+        for _ in range(3):
+            f()
+    for _ in range(rounds):
+        for k, f in steps.items():
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                f()
+            _sync()
+            times[k].append((time.perf_counter() - t0) / 5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res["median_step_s"] = med
+    res["ivon_over_adamw"] = med["ivon"] / med["adamw"]
+    res["poco_over_ivon"] = med["ivon-poco"] / med["ivon"]
+    for k in ("adamw", "ivon", "ivon-poco"):
+        torch.cuda.reset_peak_memory_stats()
+        f = make(k)
+        f()
+        res[f"max_memory_allocated_MiB_{k}"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return res
+
+
+def lm(dev: torch.device, steps: int) -> dict:
+    from vbpc.data import CharTokenizer, load_corpus
+    from vbpc.models import char_gpt2
+
+    text = load_corpus("shakespeare")
+    tok = CharTokenizer(text)
+    ids = tok.encode(text)
+    split = int(0.9 * len(ids))
+    train, val = ids[:split].to(dev), ids[split:].to(dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def batch(src):
+        i = torch.randint(0, len(src) - 129, (32,), generator=g)
+        return torch.stack([src[j:j + 128] for j in i.tolist()])
+
+    out = {}
+    for kind in ("adamw", "ivon"):
+        torch.manual_seed(0)
+        model = char_gpt2(tok.vocab_size, block_size=128, n_layer=4, n_embd=256, n_head=4).to(dev)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if kind == "adamw" else
+               vbpc.IVON(model.parameters(), lr=0.2, ess=10 * len(train), hess_init=1e-2, clip_radius=1e-3,
+                         beta2=0.999))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            xb = batch(train)
+
+            def closure():
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=xb, labels=xb).loss
+                loss.backward()
+                return loss
+            opt.step(closure)
+        _sync()
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            vl = statistics.mean(float(model(input_ids=(v := batch(val)), labels=v).loss) for _ in range(16))
+        out[kind] = {"val_loss": vl, "val_ppl": math.exp(vl), "seconds": time.perf_counter() - t0}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300, help="LM steps per learner")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to check. "
+              "Run it on a machine with an NVIDIA GPU.")
+        return 0
+    dev = torch.device("cuda")
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "bf16_supported": torch.cuda.is_bf16_supported()}
+    report["correctness"] = correctness(dev)
+    print(json.dumps(report, indent=1), flush=True)
+    report["speed"] = speed(dev, args.rounds)
+    print(json.dumps(report["speed"], indent=1), flush=True)
+    report["lm"] = lm(dev, args.steps)
+    print(json.dumps(report["lm"], indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=1))
+    return 0 if all(report["correctness"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
