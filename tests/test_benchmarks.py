@@ -57,3 +57,12 @@ def test_gpu_check_exits_cleanly_without_cuda(capsys):
 
     assert gpu_check.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_compile_speed_writes_results(tmp_path):
+    import compile_speed
+
+    res = compile_speed.main(["--rounds", "1", "--steps", "1", "--models", "mlp", "--backend", "aot_eager",
+                              "--out", str(tmp_path / "cs")])
+    rows = json.loads((tmp_path / "cs.json").read_text())
+    assert rows[0]["model"] == "mlp" and rows[0]["ratio_median"] > 0 and "| mlp |" in res["table"]
