@@ -414,6 +414,8 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         generator's seed.  megabatch_size: examples per refresh (``None``: the whole iterable).
         force_anchor_pass: run the anchor pass even at α=0 (tests).  anchor_device: where the
         anchor buffers live.  track_stats: keep the last ĝ_in, ĝ_out, g̃ (for tests/diagnostics).
+        sync: under ``torch.distributed``, average ĝ_in, ĝ_out and the refresh's mega-batch means
+        over ranks (per-rank noise acts as extra samples; every rank applies the same update).
 
     ``step(closure)``: ``closure`` zeroes gradients, computes the mean loss on one fixed batch,
     calls ``backward`` and returns the loss.  ``refresh(loss_fn, data)`` computes the anchor.
@@ -441,6 +443,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         track_stats: bool = False,
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
+        sync: bool = False,
     ):
         checks = [
             ("lr", lr, lr >= 0), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
@@ -462,6 +465,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
         self.anchor = Anchor(self._params(), seed=anchor_seed, device=anchor_device)
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
+        self.sync = bool(sync)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -480,7 +484,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         model = self._norm.model if model is None else model
         chunks = self.anchor.refresh(loss_fn, data, scale=self.sigma, names=self._names(), model=model,
                                      batch_size=batch_size, max_examples=self.megabatch_size,
-                                     progress=progress, step=self.t)
+                                     progress=progress, step=self.t, sync=self.sync)
         self.counters["refresh_passes"] += chunks
         self.counters["refresh_examples"] += self.anchor.examples
 
@@ -520,7 +524,9 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
                 loss = closure()
             g_in = self._grads(params)
         loss = torch.as_tensor(loss).detach()
-        if not bool(torch.isfinite(loss).all()):
+        distributed = self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        finite = [bool(torch.isfinite(loss).all())]
+        if not distributed and not finite[0]:
             raise NonFiniteError(f"the closure returned a non-finite loss ({loss.item()}); no state changed")
         passes = 1
         g_out: Optional[list[Tensor]] = None
@@ -537,8 +543,18 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
                 g_out = self._grads(params)
             restore_rng(rng1)
             passes += 1
-            if not bool(torch.isfinite(torch.as_tensor(loss_out)).all()):
+            finite.append(bool(torch.isfinite(torch.as_tensor(loss_out)).all()))
+            if not distributed and not finite[-1]:
                 raise NonFiniteError("the closure returned a non-finite loss at the anchor; no state changed")
+        if distributed:  # one collective decides for every rank, then the means are averaged
+            ok = torch.tensor([float(all(finite))])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item() == 0.0:
+                raise NonFiniteError("a closure returned a non-finite loss on some rank; no state changed on any rank")
+            world = dist.get_world_size()
+            for g in g_in + (g_out or []):
+                dist.all_reduce(g)
+                g.div_(world)
         bad = [n for n, g in zip(names, g_in + (g_out or [])) if not bool(torch.isfinite(g).all())]
         if bad:
             raise NonFiniteError(f"non-finite gradient for {bad[0]!r}; no state changed")
