@@ -40,6 +40,9 @@ def _model():
 def _learner(kind: str, model: nn.Module, sync: bool):
     if kind == "ivon":
         return vbpc.IVON(model.parameters(), lr=0.1, ess=32, sync=sync)
+    if kind == "von-poco":
+        return vbpc.VONPoCo(model.parameters(), lr=0.5, ess=32, weight_decay=1e-2, alpha=0.75, anchor_period=3,
+                            hessian="price", sync=sync)
     if kind == "vsgd-poco":
         return vbpc.VSGDPoCo(model.parameters(), lr=0.1, sigma=0.01, weight_decay=1e-3, alpha=0.75, anchor_period=3,
                              sync=sync)
@@ -57,14 +60,17 @@ def _train(model, opt, x, y):
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
+            if not isinstance(opt, vbpc.VONPoCo):  # VON differentiates the loss itself
+                loss.backward()
             return loss
         opt.step(closure)
 
 
 def _state(model, opt):
-    return {"params": [p.detach().clone() for p in model.parameters()],
-            "hess": [opt.state[p]["hess"].clone() for p in model.parameters() if "hess" in opt.state[p]]}
+    hess = [opt.state[p]["hess"].clone() for p in model.parameters() if "hess" in opt.state[p]]
+    if isinstance(opt, vbpc.VONPoCo):
+        hess = [opt.P.clone()]
+    return {"params": [p.detach().clone() for p in model.parameters()], "hess": hess}
 
 
 def _worker(rank: int, port: int, kind: str, same_seed: bool, sync: bool, out: str) -> None:
@@ -89,7 +95,7 @@ def _run(tmp_path, kind, same_seed, sync):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco"])
+@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "von-poco"])
 def test_ranks_hold_the_identical_posterior(tmp_path, kind):
     r0, r1 = _run(tmp_path, kind, same_seed=False, sync=True)  # per-rank samples: extra MC samples
     for a, b in zip(r0["params"] + r0["hess"], r1["params"] + r1["hess"]):

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -42,6 +43,19 @@ __all__ = ["VONPoCo", "VON"]
 
 HESSIANS = ("exact", "price")
 EXPECTATIONS = ("mc", "mean")
+
+
+def _allreduce_stats(loss: Tensor, stats: list[Tensor]) -> list[Tensor]:
+    """Rank means of the step's statistics; a non-finite loss on any rank raises on every rank."""
+    ok = torch.tensor([float(bool(torch.isfinite(loss)))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 0.0:
+        raise NonFiniteError("a closure returned a non-finite loss on some rank; no state changed on any rank")
+    world = dist.get_world_size()
+    for t in stats:
+        dist.all_reduce(t)
+        t.div_(world)
+    return stats
 
 
 class VONPoCo(CorrectionSchedule, Optimizer):
@@ -84,6 +98,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         max_dim: int = 5000,
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
+        sync: bool = False,
     ):
         checks = [
             ("lr", lr, 0.0 < lr <= 1.0), ("ess", ess, ess > 0), ("weight_decay", weight_decay, weight_decay >= 0),
@@ -118,6 +133,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
         self.anchor = Anchor(plist, seed=anchor_seed)
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
+        self.sync = bool(sync)  # average G, H (in and anchor) and the refresh over torch.distributed ranks
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -219,7 +235,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
 
         model = self._norm.model if model is None else model
         g_bar, H_bar, passes, seen = self.anchor.accumulate(evaluate, data, names=["flat parameters"], model=model,
-                                                            batch_size=batch_size, progress=progress)
+                                                            batch_size=batch_size, progress=progress, sync=self.sync)
         self.anchor.publish([m_out], g_bar, H_bar, extra={"P": P_out}, step=self.t, examples=seen)
         self.counters["refresh_passes"] += passes
         self.counters["refresh_examples"] += seen
@@ -266,6 +282,8 @@ class VONPoCo(CorrectionSchedule, Optimizer):
                 G_out += go / len(draws)
                 H_out += Ho / len(draws)
         loss = torch.stack(losses).mean()
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            G_in, H_in, G_out, H_out = _allreduce_stats(loss, [G_in, H_in, G_out, H_out])
         if not (bool(torch.isfinite(loss)) and bool(torch.isfinite(G_in).all()) and bool(torch.isfinite(H_in).all())
                 and bool(torch.isfinite(G_out).all()) and bool(torch.isfinite(H_out).all())):
             raise NonFiniteError("non-finite loss, gradient or Hessian in a VON step; no state changed")
