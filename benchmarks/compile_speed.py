@@ -6,8 +6,8 @@ The model is compiled once (``torch.compile(model)``); IVON writes its weight sa
 parameters in place, which the compiled graph reads as inputs (no recompilation per sample;
 ``tests/test_compile.py`` checks the iterates equal eager mode).  Prints the median (min-max)
 per-step time ratio compiled ÷ eager over interleaved rounds, for an MLP on Fashion-MNIST-sized
-inputs and a GPT-2 4 x 256, plus the first-step (compile) time.  The optimizer update itself is
-the fused ``_foreach`` kernel of ``vbpc.functional`` and is not compiled.
+inputs and a GPT-2 4 x 256, plus the first-step (compile) time; and, separately, the optimizer
+update alone (the fused ``_foreach`` kernel of ``vbpc.functional``) eager vs compiled.
 Writes benchmarks/results/compile_speed.json and .md.
 """
 
@@ -78,6 +78,41 @@ def bench(name: str, make, rounds: int, steps: int, backend: str) -> dict:
             "compile_first_step_s": runs["compiled"]["first_s"]}
 
 
+def update_bench(rounds: int, steps: int, backend: str) -> dict:
+    """The optimizer update alone: ``vbpc.functional.ivon_update_fast_`` (foreach) on the MLP's
+    tensors, eager vs ``torch.compile``-d (not an option of ``vbpc.IVON`` yet)."""
+    from vbpc.functional import ivon_update_fast_
+
+    torch.manual_seed(0)
+    shapes = [(500, 784), (500,), (300, 500), (300,), (10, 300), (10,)]
+    m, g, gh, st = ([torch.randn(s) for s in shapes] for _ in range(4))
+    h = [torch.rand(s) + 0.5 for s in shapes]
+    hw = [x + 1e-4 for x in h]
+    r = [x.rsqrt() for x in hw]
+    kw = dict(ess=6e4, eta=0.05, beta1=0.9, beta2=0.99999, weight_decay=1e-4, clip_radius=float("inf"),
+              bias_correction=0.5, price=True, foreach=True)
+
+    def update(m, g, h, gh, st, hw, r):
+        ivon_update_fast_(m, g, h, gh, st, hw, r, **kw)
+
+    compiled = torch.compile(update, backend=backend)
+    fns = {"eager": update, "compiled": compiled}
+    t0 = time.perf_counter()
+    compiled(m, g, h, gh, [x.clone() for x in st], hw, r)
+    first = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f(m, g, h, gh, [x.clone() for x in st], hw, r)
+            times[k].append((time.perf_counter() - t0) / steps)
+    ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
+    return {"model": "mlp (update only)", "backend": backend, "eager_step_s": statistics.median(times["eager"]),
+            "compiled_step_s": statistics.median(times["compiled"]), "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "compile_first_step_s": first}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
@@ -88,6 +123,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     makers = {"mlp": _mlp, "gpt2": _gpt}
     rows = [bench(m, makers[m], args.rounds, args.steps, args.backend) for m in args.models.split(",")]
+    if "mlp" in args.models.split(","):
+        rows.append(update_bench(args.rounds, args.steps, args.backend))
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}", "",
              "| model | eager step (ms) | compiled step (ms) | compiled ÷ eager, median (min–max) | first step (s) |",
              "|---|---:|---:|---:|---:|"]
