@@ -45,16 +45,13 @@ from ..functional import (
 )
 from ..nn.norm import RunningStatsGuard
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
+from . import distributed as ranks
 
 __all__ = ["IVON"]
 
 HESS_APPROX = ("price", "gradsq")
 GRADSQ_SCALE = ("ess", "none")
 _STATE_VERSION = 1
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_hparams(h: dict, where: str = "") -> None:
@@ -553,7 +550,7 @@ class IVON(Optimizer):
             )
         try:
             self._check_groups()
-            if _distributed():
+            if ranks.active():
                 if self.sync:  # before the finite check: a NaN on one rank must stop every rank
                     self._sync_samples(losses)
                 elif not self._warned_drift:
@@ -621,17 +618,10 @@ class IVON(Optimizer):
         """Average the collected means over ranks (only accumulators that exist, fix 6; the anchor
         pass's too), so every rank applies the identical update: per-rank weight samples act as
         extra MC samples.  A non-finite loss on any rank raises on every rank."""
-        world = dist.get_world_size()
-        ok = torch.tensor([float(all(bool(torch.isfinite(loss).all()) for loss in losses))])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() == 0.0:
-            raise NonFiniteError("a closure returned a non-finite loss on some rank; the step was skipped on "
-                                 "every rank and no state changed")
+        ranks.agree_finite(all(bool(torch.isfinite(loss).all()) for loss in losses))
         for acc in self._acc.values():
             extra = acc["grad_out"] + acc["stat_out"] if self._count_out else []
-            for t in acc["ghat"] + acc["stat"] + extra:
-                dist.all_reduce(t)
-                t.div_(world)
+            ranks.mean_(acc["ghat"] + acc["stat"] + extra)
 
     def _check_groups(self) -> None:
         """Re-validate hyperparameters (schedulers act at once), before any state changes."""

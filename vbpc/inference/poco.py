@@ -40,6 +40,7 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import poco_correct_
 from ..nn.norm import RunningStatsGuard, preserved_running_stats
 from ..posterior import perturbation
+from . import distributed as ranks
 from .rng import capture_rng, restore_rng
 
 __all__ = ["Anchor", "CorrectionSchedule", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "alpha_at", "batch_size_of"]
@@ -161,7 +162,7 @@ class Anchor:
                         break
             finally:
                 restore_rng(rng)
-        if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if sync and ranks.active():
             g_bar, h_bar, seen = _allreduce_means(g_bar, h_bar, seen, params=self.params)
         if g_bar is None:
             raise ValueError("anchor refresh over an empty iterable: no example was seen; the anchor was not changed")
@@ -524,7 +525,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
                 loss = closure()
             g_in = self._grads(params)
         loss = torch.as_tensor(loss).detach()
-        distributed = self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = self.sync and ranks.active()
         finite = [bool(torch.isfinite(loss).all())]
         if not distributed and not finite[0]:
             raise NonFiniteError(f"the closure returned a non-finite loss ({loss.item()}); no state changed")
@@ -547,14 +548,8 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
             if not distributed and not finite[-1]:
                 raise NonFiniteError("the closure returned a non-finite loss at the anchor; no state changed")
         if distributed:  # one collective decides for every rank, then the means are averaged
-            ok = torch.tensor([float(all(finite))])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if ok.item() == 0.0:
-                raise NonFiniteError("a closure returned a non-finite loss on some rank; no state changed on any rank")
-            world = dist.get_world_size()
-            for g in g_in + (g_out or []):
-                dist.all_reduce(g)
-                g.div_(world)
+            ranks.agree_finite(all(finite))
+            ranks.mean_(g_in + (g_out or []))
         bad = [n for n, g in zip(names, g_in + (g_out or [])) if not bool(torch.isfinite(g).all())]
         if bad:
             raise NonFiniteError(f"non-finite gradient for {bad[0]!r}; no state changed")

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -37,25 +36,13 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
 from ..posterior import FullGaussian, _cholesky, _MeanEntry, perturbation
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
+from . import distributed as ranks
 from .rng import capture_rng, restore_rng
 
 __all__ = ["VONPoCo", "VON"]
 
 HESSIANS = ("exact", "price")
 EXPECTATIONS = ("mc", "mean")
-
-
-def _allreduce_stats(loss: Tensor, stats: list[Tensor]) -> list[Tensor]:
-    """Rank means of the step's statistics; a non-finite loss on any rank raises on every rank."""
-    ok = torch.tensor([float(bool(torch.isfinite(loss)))])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() == 0.0:
-        raise NonFiniteError("a closure returned a non-finite loss on some rank; no state changed on any rank")
-    world = dist.get_world_size()
-    for t in stats:
-        dist.all_reduce(t)
-        t.div_(world)
-    return stats
 
 
 class VONPoCo(CorrectionSchedule, Optimizer):
@@ -282,8 +269,9 @@ class VONPoCo(CorrectionSchedule, Optimizer):
                 G_out += go / len(draws)
                 H_out += Ho / len(draws)
         loss = torch.stack(losses).mean()
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            G_in, H_in, G_out, H_out = _allreduce_stats(loss, [G_in, H_in, G_out, H_out])
+        if self.sync and ranks.active():
+            ranks.agree_finite(bool(torch.isfinite(loss)))
+            ranks.mean_([G_in, H_in, G_out, H_out])
         if not (bool(torch.isfinite(loss)) and bool(torch.isfinite(G_in).all()) and bool(torch.isfinite(H_in).all())
                 and bool(torch.isfinite(G_out).all()) and bool(torch.isfinite(H_out).all())):
             raise NonFiniteError("non-finite loss, gradient or Hessian in a VON step; no state changed")
