@@ -66,3 +66,28 @@ def test_compile_speed_writes_results(tmp_path):
                               "--out", str(tmp_path / "cs")])
     rows = json.loads((tmp_path / "cs.json").read_text())
     assert rows[0]["model"] == "mlp" and rows[0]["ratio_median"] > 0 and "| mlp |" in res["table"]
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
+def test_calibration_quick_writes_results(tmp_path):
+    import calibration
+
+    res = calibration.main(["--quick", "--out", str(tmp_path / "cal")])
+    data = json.loads((tmp_path / "cal.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"adamw", "ivon-poco", "mc-dropout"}
+    for r in data["rows"]:
+        assert 0.0 <= r["ece"] <= 1.0 and 0.0 <= r["ood_auroc"] <= 1.0 and r["nll"] > 0
+    assert "| ivon-poco |" in res["table"] and (tmp_path / "cal.png").stat().st_size > 5000
+
+
+def test_suite_entry_point(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    suite = importlib.import_module("benchmarks.__main__")
+    assert suite.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("speed", "convex", "calibration", "continual", "finetune", "merge", "gpu"):
+        assert name in listed
+    assert suite.main(["run", "lm"]) == 2  # not built yet: says so
+    monkeypatch.setattr(suite, "QUICK", str(tmp_path))
+    assert suite.main(["run", "gpu", "--quick"]) in (0, 1)

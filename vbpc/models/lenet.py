@@ -23,8 +23,11 @@ class LeNet5(nn.Module):
     linear layer ``classifier.4`` is what ``select_parameters(model, "last_layer")`` picks.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if input_size not in (28, 32):
             raise ValueError(f"LeNet5 supports input_size 28 or 32, got {input_size}")
         if num_classes < 1 or in_channels < 1:
@@ -35,8 +38,10 @@ class LeNet5(nn.Module):
             nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         )
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []  # MC dropout; none by default (keys unchanged)
         self.classifier = nn.Sequential(
-            nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(), *drop, nn.Linear(120, 84), nn.ReLU(), *drop,
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
