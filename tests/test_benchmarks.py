@@ -24,7 +24,8 @@ def test_convex_quick_writes_results(tmp_path):
     assert {r["method"] for r in report["binary"]} == {"VON", "VON-PoCo"}
     svrg = next(r for r in report["multiclass"] if r["method"] == "SVRG")["curve"]
     assert svrg[-1]["rel_subopt"] < svrg[0]["rel_subopt"] and svrg[-1]["passes"] > svrg[0]["passes"]
-    assert (tmp_path / "convex.md").read_text().startswith("| problem |")
+    md = (tmp_path / "convex.md").read_text()
+    assert "| problem |" in md and "(1/1)" in md  # seeds aggregated: k/S reached
     assert (tmp_path / "convex_multiclass.png").stat().st_size > 0
 
 
