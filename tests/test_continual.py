@@ -56,7 +56,7 @@ def _grad(model, theta, x, y):
     return [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
 
 
-@pytest.mark.parametrize("correction", [False, True])
+@pytest.mark.parametrize("correction", [False, True, "memory"])
 def test_matches_a_float64_reference_of_eq29_with_the_vector_prior(correction):
     """Three steps against a hand-written reference of (29) + IVON (7)-(10) with δ → δ_v, δm → δ_v(m−m0)."""
     model = _model()
@@ -73,8 +73,12 @@ def test_matches_a_float64_reference_of_eq29_with_the_vector_prior(correction):
             p.add_(0.05)
     rec, rec_m = [], []
     opt = vbpc.ContinualIVON(model.parameters(), lr=lr, ess=lam, prior=old, model=model, hess_init=h0,
-                             weight_decay=wd, beta1=b1, beta2=b2, correction=correction,
+                             weight_decay=wd, beta1=b1, beta2=b2, correction=bool(correction),
                              memory_weight=n_old if correction else None)
+    if correction == "memory":  # h̄_M(q_old) once, unclamped, replaces the per-step ĥ_M(q_old) in the gradient
+        opt.set_memory_curvature(lambda b: F.cross_entropy(model(b[0]), b[1]), [(xm, ym)], mc_samples=2,
+                                 clamp=False)
+        assert all(not torch.equal(h, torch.zeros_like(h)) for h in opt.memory_hess)
     dv = [p / lam for p in p_old]
     m = [p.detach().clone() for p in model.parameters()]
     g = [torch.zeros_like(t) for t in m]
@@ -99,7 +103,8 @@ def test_matches_a_float64_reference_of_eq29_with_the_vector_prior(correction):
             w = n_old / lam
             for i in range(len(m)):
                 hq, ho = gq[i] * z[i] / sig[i], go[i] * z[i] / sig_old[i]
-                gt[i] = gt[i] + w * (gq[i] - go[i] - ho * (m[i] - m_old[i]))
+                h_grad = opt.memory_hess[i] if correction == "memory" else ho
+                gt[i] = gt[i] + w * (gq[i] - go[i] - h_grad * (m[i] - m_old[i]))
                 ht[i] = ht[i] + w * (hq - ho)
         c_t = 1 - b1 ** t
         for i in range(len(m)):
@@ -114,6 +119,35 @@ def test_matches_a_float64_reference_of_eq29_with_the_vector_prior(correction):
     # the posterior's precision is λh + p_old (new curvature on top of the prior)
     for prec, hh, po in zip(opt.posterior(model).precision.values(), h, p_old):
         torch.testing.assert_close(prec, lam * hh + po, rtol=1e-9, atol=1e-8)
+
+
+def test_memory_curvature_is_the_antithetic_price_mean_and_is_clamped():
+    """set_memory_curvature: the antithetic Price mean at q_old (checked against the same pass done by
+    hand with the anchor generator), clamped to 0 ≤ (N_old/λ) h̄ ≤ δ_v − δ."""
+    model = _model()
+    old = _old_posterior(model)
+    xm, ym = _data(1, n=12)
+    loss_fn = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    kw = dict(lr=0.1, ess=40, prior=old, model=model, weight_decay=1e-2, correction=True, memory_weight=400)
+    raw = vbpc.ContinualIVON(model.parameters(), **kw)
+    raw.set_memory_curvature(loss_fn, [(xm, ym)], mc_samples=1, clamp=False, seed=3)
+    g = torch.Generator().manual_seed(3)
+    sig = [1 / p.sqrt() for p in old.precision.values()]
+    z = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+    h_ref = []
+    for i, (mo, s, zi) in enumerate(zip(old.mean.values(), sig, z)):
+        gp = _grad(model, [m + s_ * z_ for m, s_, z_ in zip(old.mean.values(), sig, z)], xm, ym)[i]
+        gm = _grad(model, [m - s_ * z_ for m, s_, z_ in zip(old.mean.values(), sig, z)], xm, ym)[i]
+        h_ref.append(0.5 * (gp * zi / s + gm * (-zi) / s))
+    for a, b in zip(raw.memory_hess, h_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    capped = vbpc.ContinualIVON(model.parameters(), **kw)
+    capped.set_memory_curvature(loss_fn, [(xm, ym)], mc_samples=1, seed=3)
+    w = 400 / 40
+    for p, a, b in zip(model.parameters(), capped.memory_hess, raw.memory_hess):
+        cap = capped.state[p]["prior_delta"] - 1e-2
+        assert bool((a >= 0).all()) and bool((w * a <= cap * (1 + 1e-12)).all())
+        torch.testing.assert_close(a, torch.minimum(b.clamp(min=0), cap / w))
 
 
 def test_the_isotropic_prior_gives_plain_ivon():

@@ -362,28 +362,29 @@ class ContinualIVON(IVONPoCo):
         snap = None
         if self.track_stats:
             snap = {"g_in": [t.clone() for t in g_t], "h_in": [t.clone() for t in h_t]}
+        shift = ws.get("prior_shift")
+        if shift is None or len(shift) != n:
+            shift = ws["prior_shift"] = [torch.empty_like(t) for t in h_t]
+        diff = [torch.sub(m, mo, out=e) for m, mo, e in zip(means, m0, shift)]  # m − m0, reused below
         if self._anchor_pass:
             w_old = self.memory_weight / lam  # type: ignore[operator]
             r_out, e_out = a.extra["rsqrt"][o:o + n], a.extra["ess"][o:o + n]
-            for i, (gt, ht, m, mo) in enumerate(zip(g_t, h_t, means, m0)):
+            for i, (gt, ht, d) in enumerate(zip(g_t, h_t, diff)):
                 h_out = torch.mul(ws["stat_out"][i], math.sqrt(e_out[i]), out=ws["s2"][i]).div_(r_out[i])
                 g_out = ws["grad_out"][i]
                 if snap is not None:
                     snap.setdefault("g_out", []).append(g_out.clone())
                     snap.setdefault("h_out", []).append(h_out.clone())
                 h_old = h_out if self.memory_hess is None else self.memory_hess[o + i]
-                g_out.addcmul_(h_old, m - mo)  # ĝ_M(q_old) + ĥ_M(q_old) ⊙ (m − m_old)
+                g_out.addcmul_(h_old, d)  # ĝ_M(q_old) + ĥ_M(q_old) ⊙ (m − m_old)
                 gt.sub_(g_out, alpha=w_old)
                 ht.sub_(h_out, alpha=w_old)
         if snap is not None:
             self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_t], "h_tilde": [t.clone() for t in h_t]}
-        shift = ws.get("prior_shift")
-        if shift is None or len(shift) != n:
-            shift = ws["prior_shift"] = [torch.empty_like(t) for t in h_t]
-        for i, (p, m, mo) in enumerate(zip(params, means, m0)):
+        for p, m, h, e in zip(params, means, h_t, diff):
             dv = self.state[p]["prior_delta"]
-            h_t[i].add_(dv).sub_(wd)  # ĥ + Δ
-            torch.sub(m, mo, out=shift[i]).mul_(dv).sub_(m, alpha=wd)  # e = δ_v(m − m0) − δm
+            h.add_(dv).sub_(wd)  # ĥ + Δ
+            e.mul_(dv).sub_(m, alpha=wd)  # e = δ_v(m − m0) − δm, in the shift buffer
         for s, h in zip(ws["stat"], h_t):
             torch.div(h, root, out=s)
         return False

@@ -204,6 +204,11 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.t += 1
         return loss
 
+    @property
+    def pending_samples(self) -> int:
+        """Samples collected by :meth:`sample` for the next ``step()``."""
+        return self._pairs
+
     def _begin_step(self) -> None:
         """Fix α_t and whether the anchor pass runs, once per step."""
         self._check_refresh()

@@ -107,7 +107,7 @@ class VBTrainer(Trainer):
             return loss
 
         if isinstance(opt, IVONPoCo):
-            if opt._pairs == 0 and opt.refresh_due:
+            if opt.pending_samples == 0 and opt.refresh_due:
                 self._refresh(opt, model)
             loss = opt.sample(closure)
         else:

@@ -251,10 +251,10 @@ def _curves(log_path: Path, path: Path) -> None:
 
     from vbpc.evaluation.plots import save_figure
 
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
     curves: dict[str, list[float]] = {}
-    for line in log_path.read_text().splitlines():
-        r = json.loads(line)
-        if "step" in r and r.get("seed") == json.loads(log_path.read_text().splitlines()[0])["seed"]:
+    for r in records:
+        if "step" in r and r["seed"] == records[0]["seed"]:
             curves.setdefault(r["method"], []).append(r["loss"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m, ys in curves.items():

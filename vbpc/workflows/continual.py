@@ -175,9 +175,10 @@ class _Method:
                 self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.adamw_lr,
                                              weight_decay=lc.weight_decay)
             return
-        if self.opt is None or self.name == "naive":
-            if self.opt is None:
-                self.opt = vbpc.IVON(named, lr=lc.lr, ess=ess, weight_decay=lc.weight_decay, model=self.model, **kw)
+        if self.opt is None:  # the first task: plain IVON for every IVON-based method
+            self.opt = vbpc.IVON(named, lr=lc.lr, ess=ess, weight_decay=lc.weight_decay, model=self.model, **kw)
+            return
+        if self.name == "naive":  # the same IVON run continues
             return
         prior = self.opt.posterior(self.model)
         prior = vbpc.DiagonalGaussian.from_state_dict(prior.state_dict())  # a frozen copy
@@ -210,8 +211,7 @@ class _Method:
 
         if self.name == "adamw":
             return opt.step(closure)
-        if self.name == "poco" and isinstance(opt, _continual_cls()):
-            assert memory_batch is not None
+        if memory_batch is not None:  # poco from the second task on
             xm, ym, cm = memory_batch()
 
             def mem() -> Tensor:
@@ -228,12 +228,6 @@ class _Method:
             return
         idx = torch.randperm(len(task), generator=g)[:k]
         self.memory.append((task.x[idx], task.y[idx], task.cols.expand(len(idx), -1)))
-
-
-def _continual_cls() -> type:
-    from ..inference.continual import ContinualIVON
-
-    return ContinualIVON
 
 
 def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Task], log: Callable[[dict], None],
@@ -369,11 +363,10 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
                        f"forgetting {row['forgetting']:.4f} ECE {row['ece']:.4f} ({row['seconds']:.1f}s)")
 
     t0 = time.perf_counter()
-    tasks_by_seed = {}
     for seed in cfg.seeds:
         tc = cfg.tasks
-        tasks = tasks_by_seed.setdefault(seed, make_tasks(tc.scenario, tc.n_tasks, root=tc.root,
-                                                           train_size=tc.train_size, test_size=tc.test_size, seed=seed))
+        tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size, test_size=tc.test_size,
+                           seed=seed)
         for meth in cfg.methods:
             rows += _train_sequence(cfg, meth, seed, tasks, log, out)
     n = cfg.tasks.n_tasks

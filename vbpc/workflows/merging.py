@@ -39,8 +39,9 @@ __all__ = ["run_merging", "MERGES"]
 MERGES = ("precision", "hessian", "average", "task-arithmetic")
 
 
-def _fit(model: nn.Module, opt: Any, task: Task, x: torch.Tensor, y: torch.Tensor, epochs: int, bs: int,
-         g: torch.Generator, desc: str, progress: bool) -> None:
+def _fit(model: nn.Module, opt: Any, task: Task, epochs: int, bs: int, g: torch.Generator, desc: str,
+         progress: bool) -> None:
+    x, y = task.x, task.y
     steps = epochs * math.ceil(len(y) / bs)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for _ in range(epochs):
@@ -77,8 +78,7 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
     base_task = make_tasks("permuted", 1, root=tc.root, train_size=cfg.base_size, seed=seed)[0]
     named = list(model.named_parameters())
     opt = vbpc.IVON(named, lr=lc.lr, ess=float(len(base_task)), weight_decay=lc.weight_decay, model=model, **kw)
-    _fit(model, opt, base_task, base_task.x, base_task.y, cfg.base_epochs, tc.batch_size, g, f"base s{seed}",
-         cfg.progress)
+    _fit(model, opt, base_task, cfg.base_epochs, tc.batch_size, g, f"base s{seed}", cfg.progress)
     base = vbpc.DiagonalGaussian.from_state_dict(opt.posterior(model).state_dict())
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     tuned = []
@@ -88,7 +88,7 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
         model.load_state_dict(base_state)
         ft = vbpc.ContinualIVON(list(model.named_parameters()), lr=lc.lr, ess=float(len(task)), prior=base,
                                 model=model, weight_decay=lc.weight_decay, **kw)
-        _fit(model, ft, task, task.x, task.y, tc.epochs, tc.batch_size, g, f"task {t + 1} s{seed}", cfg.progress)
+        _fit(model, ft, task, tc.epochs, tc.batch_size, g, f"task {t + 1} s{seed}", cfg.progress)
         tuned.append(vbpc.DiagonalGaussian.from_state_dict(ft.posterior(model).state_dict()))
         individual.append(_evaluate(model, [task], None, 0, seed)["acc"][0])
     accs["individual"] = individual
@@ -112,20 +112,20 @@ def run_merging(cfg: MergeConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows = []
+    names: list[str] = []
     log = out / "metrics.jsonl"
     log.write_text("")
     for seed in cfg.seeds:
         tc = cfg.tasks
         tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size, test_size=tc.test_size,
                            seed=seed)
+        names = [t.name for t in tasks]
         accs = _one_seed(cfg, seed, tasks)
         for method, a in accs.items():
             row = {"seed": seed, "method": method, "acc": a, "mean": sum(a) / len(a)}
             rows.append(row)
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-    names = [t.name for t in make_tasks(cfg.tasks.scenario, cfg.tasks.n_tasks, root=cfg.tasks.root, train_size=1,
-                                        test_size=1)]
     table = _table(rows, names, cfg)
     atomic_write_text(out / "results.md", table)
     atomic_write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows}, indent=1))
