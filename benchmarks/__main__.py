@@ -2,11 +2,13 @@
 
     python -m benchmarks list
     python -m benchmarks run <name>|all [--quick|--full] [extra args for that benchmark]
+    python -m benchmarks readme
 
-Each benchmark writes ``benchmarks/results/<name>.json``, a markdown table and its figures; the
-README's tables are copied from those files.  ``--quick`` runs the CI-size version (what
+Each benchmark writes ``benchmarks/results/<name>.json``, a markdown table and its figures; a
+full run then regenerates the README's tables from those files (``readme`` does only that, see
+``benchmarks/readme.py``).  ``--quick`` runs the CI-size version (what
 ``tests/test_benchmarks.py`` checks for well-formed results), ``--full`` the README's.  No timing is
-asserted anywhere.  Not yet built (issue 8): ``lm`` and ``ablation``.
+asserted anywhere.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ QUICK = "benchmarks/results/quick"  # --quick never overwrites the README's resu
 
 #: name -> (runner, quick args, full args, what it measures)
 SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]] = {
-    "speed": (_module("step_overhead"), ["--rounds", "2", "--steps", "1", "--models", "mlp", "--out", QUICK], [],
-              "whole train step ÷ AdamW and ÷ ivon-opt; optimizer-step overhead"),
+    "speed": (_module("speed"), ["--quick", "--out", QUICK], [],
+              "step ÷ AdamW, ÷ ivon-opt, PoCoMo ÷ IVON, BMA vmap ÷ loop, state bytes; targets checked"),
     "bma": (_module("bma_speed"), ["--models", "mlp", "--batches", "16", "--samples", "2", "--rounds", "1",
                                    "--out", QUICK], [], "BMA vectorised ÷ loop"),
     "compile": (_module("compile_speed"), ["--rounds", "1", "--steps", "1", "--models", "mlp", "--backend",
@@ -51,6 +53,11 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
                   ["--set", "seeds=[0]", "--set", "tasks.train_size=512", "--set", "tasks.n_tasks=2",
                    "--set", "progress=false", "--set", f"out={QUICK}/continual"],
                   ["--set", "out=benchmarks/results/continual_split"], "continual-learning table (split)"),
+    "continual-permuted": (_cli("continual", "examples/configs/continual_permuted.yaml"),
+                           ["--set", "seeds=[0]", "--set", "tasks.train_size=512", "--set", "tasks.n_tasks=2",
+                            "--set", "progress=false", "--set", f"out={QUICK}/continual_permuted"],
+                           ["--set", "out=benchmarks/results/continual_permuted"],
+                           "continual-learning table (permuted)"),
     "merge": (_cli("merge-eval", "examples/configs/merge_permuted.yaml"),
               ["--set", "seeds=[0]", "--set", "tasks.train_size=500", "--set", "base_size=500",
                "--set", "tasks.n_tasks=2", "--set", "progress=false", "--set", f"out={QUICK}/merge"],
@@ -59,6 +66,10 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
                                     "--methods", "ivon", "--no-progress", "--out", f"{QUICK}/finetune"],
                  ["--config", "examples/configs/finetune_minilm.yaml", "--out", "benchmarks/results/finetune_minilm"],
                  "MiniLM finetuning table"),
+    "lm": (_module("lm"), ["--quick", "--out", QUICK], [],
+           "char GPT-mini on Shakespeare: AdamW, IVON, IVON-PoCoMo x 3 seeds at equal steps/evals/wall clock"),
+    "ablation": (_module("ablation"), ["--quick", "--out", QUICK], [],
+                 "IVON-PoCo(Mo) options one at a time, on the LM and the convex task"),
     "gpu": (_module("gpu_check"), [], [], "CUDA/bf16 checks and GPU timings (exits cleanly without CUDA)"),
 }
 
@@ -67,19 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list")
+    sub.add_parser("readme", help="regenerate the README's tables from benchmarks/results")
     r = sub.add_parser("run")
-    r.add_argument("name", choices=[*SUITE, "all", "lm", "ablation"])
+    r.add_argument("name", choices=[*SUITE, "all"])
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--full", action="store_true")
     args, extra = ap.parse_known_args(argv)  # anything unknown goes to the benchmark itself
     if args.cmd == "list":
         for name, (_, _, _, what) in SUITE.items():
-            print(f"{name:<12} {what}")
+            print(f"{name:<19} {what}")
         return 0
-    if args.name in ("lm", "ablation"):
-        print(f"benchmark {args.name!r} is not built yet (issue 8)", file=sys.stderr)
-        return 2
+    if args.cmd == "readme":
+        return importlib.import_module("readme").main()
     names = list(SUITE) if args.name == "all" else [args.name]
     extra = [a for a in extra if a != "--"]
     for name in names:
@@ -88,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = runner((quick if args.quick else full) + extra)
         if isinstance(rc, int) and rc != 0:
             return rc
+    if not args.quick:
+        importlib.import_module("readme").main()
     return 0
 
 

@@ -58,11 +58,31 @@ def bench(name: str, batch: int, samples: int, rounds: int) -> dict:
             for k, fn in cases.items():
                 times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    denom = samples * med["forward"]
+
+    def ratio(a: str, b: str, scale: int = 1) -> dict[str, float]:
+        rs = [x / (scale * y) for x, y in zip(times[a], times[b])]  # per round (interleaved)
+        return {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+
     return {"model": name, "batch": batch, "samples": samples, "params": sum(p.numel() for p in model.parameters()),
             "ms": {k: 1e3 * v for k, v in med.items()},
-            "ratios": {"vmap/(S*forward)": med["bma[vmap]"] / denom, "loop/(S*forward)": med["bma[loop]"] / denom,
-                       "draws/(S*forward)": med["draws"] / denom, "vmap/loop": med["bma[vmap]"] / med["bma[loop]"]}}
+            "ratios": {"vmap/(S*forward)": ratio("bma[vmap]", "forward", samples),
+                       "loop/(S*forward)": ratio("bma[loop]", "forward", samples),
+                       "draws/(S*forward)": ratio("draws", "forward", samples),
+                       "vmap/loop": ratio("bma[vmap]", "bma[loop]")}}
+
+
+def fmt(q: dict[str, float]) -> str:
+    return f"{q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f})"
+
+
+def to_markdown(results: list[dict]) -> str:
+    lines = ["| model | batch | forward ms | BMA vmap ÷ loop | vmap ÷ (S×forward) | loop ÷ (S×forward) | "
+             "draws ÷ (S×forward) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        q = r["ratios"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']['forward']:.2f} | {fmt(q['vmap/loop'])} | "
+                     f"{fmt(q['vmap/(S*forward)'])} | {fmt(q['loop/(S*forward)'])} | {fmt(q['draws/(S*forward)'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = [bench(m, int(b), args.samples, args.rounds) for m in args.models.split(",")
                for b in args.batches.split(",")]
-    lines = ["| model | batch | forward ms | BMA vmap ms | BMA loop ms | draws ms | vmap ÷ (S×forward) | "
-             "loop ÷ (S×forward) | draws ÷ (S×forward) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        ms, q = r["ms"], r["ratios"]
-        lines.append(f"| {r['model']} | {r['batch']} | {ms['forward']:.2f} | {ms['bma[vmap]']:.1f} | "
-                     f"{ms['bma[loop]']:.1f} | {ms['draws']:.1f} | {q['vmap/(S*forward)']:.2f} | "
-                     f"{q['loop/(S*forward)']:.2f} | {q['draws/(S*forward)']:.2f} |")
-    md = "\n".join(lines) + "\n"
+    md = to_markdown(results)
     print(f"S = {args.samples}, torch threads = {args.threads}\n" + md)
     meta = {"torch": torch.__version__, "threads": args.threads, "samples": args.samples, "rounds": args.rounds}
     atomic_write_text(Path(args.out) / "bma_speed.json", json.dumps({"meta": meta, "results": results}, indent=2))

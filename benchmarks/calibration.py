@@ -138,13 +138,16 @@ def plot(rows: list[dict], path: Path) -> None:
     from vbpc.evaluation.plots import save_figure
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, ("nll", "ece", "ood_auroc"), ("test NLL", "ECE", "OOD AUROC (digits)")):
         stats = [_ms([r[key] for r in rows if r["method"] == m]) for m in methods]
-        ax.bar(methods, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3)
+        colors = [f"C{i}" for i in range(len(methods))]
+        bars = ax.bar(methods, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, color=colors)
         ax.set_ylabel(label)
+        ax.set_xlabel("method")
         ax.tick_params(axis="x", rotation=40)
-    fig.suptitle("LeNet-5 on Fashion-MNIST: mean ± std over seeds")
+    axes[1].legend(bars, methods, fontsize=7, loc="upper left")
+    fig.suptitle("LeNet-5 on Fashion-MNIST: mean ± std over seeds (error bars: std)")
     save_figure(fig, path)
 
 

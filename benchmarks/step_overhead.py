@@ -204,8 +204,11 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
     res["state_bytes_per_param"] = state_bytes_per_param(model, batch, loss_fn)
 
     def ratio(table, a, b):
-        # median of per-round ratios (rounds are interleaved, so drift cancels)
-        return statistics.median(x / y for x, y in zip(table[a], table[b])) if b in table else None
+        # per-round ratios (rounds are interleaved, so drift cancels): median, min and max
+        if a not in table or b not in table or not table[a] or not table[b]:
+            return None
+        rs = [x / y for x, y in zip(table[a], table[b])]
+        return {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
 
     res["ratios"] = {
         "whole_vbpc/adamw": ratio(whole_t, "vbpc", "adamw"),
@@ -218,21 +221,23 @@ def bench_model(name: str, rounds: int, steps: int) -> dict:
     return res
 
 
+def fmt_ratio(q: dict | None) -> str:
+    """``median× (min–max)`` of a ratio record, or n/a."""
+    return "n/a" if q is None else f"{q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f})"
+
+
 def to_markdown(results: list[dict]) -> str:
     lines = [
-        "| model | params | whole step vbpc ÷ AdamW | whole step vbpc ÷ ivon-opt | ivon-opt ÷ AdamW | "
-        "opt step vbpc ÷ ivon-opt | opt step vbpc ÷ AdamW | IVON-PoCo ÷ IVON (whole step) | vbpc whole step (ms) |",
+        "| model | params | whole step IVON ÷ AdamW | whole step IVON ÷ ivon-opt | IVON-PoCoMo ÷ IVON (whole step) | "
+        "ivon-opt ÷ AdamW | opt step IVON ÷ ivon-opt | opt step IVON ÷ AdamW | IVON whole step (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         q = r["ratios"]
-
-        def f(x):
-            return "n/a" if x is None else f"{x:.2f}×"
-
-        lines.append(f"| {r['model']} | {r['params']:,} | {f(q['whole_vbpc/adamw'])} | {f(q['whole_vbpc/ivon-opt'])} "
-                     f"| {f(q['whole_ivon-opt/adamw'])} | {f(q['opt_vbpc/ivon-opt'])} | {f(q['opt_vbpc/adamw'])} "
-                     f"| {f(q['whole_ivon-poco/vbpc'])} | {r['whole_ms']['vbpc']['median']:.1f} |")
+        cells = [fmt_ratio(q[k]) for k in ("whole_vbpc/adamw", "whole_vbpc/ivon-opt", "whole_ivon-poco/vbpc",
+                                           "whole_ivon-opt/adamw", "opt_vbpc/ivon-opt", "opt_vbpc/adamw")]
+        lines.append(f"| {r['model']} | {r['params']:,} | " + " | ".join(cells)
+                     + f" | {r['whole_ms']['vbpc']['median']:.1f} |")
     names = list(results[0]["state_bytes_per_param"]) if results else []
     lines += ["", "Persistent optimizer state, bytes per parameter (fp32 parameters; anchors included):", "",
               "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         r = bench_model(name, args.rounds, args.steps)
         results.append(r)
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in r["ratios"].items() if v is not None), flush=True)
+        print(f"{name}: " + ", ".join(f"{k}={fmt_ratio(v)}" for k, v in r["ratios"].items()), flush=True)
     md = to_markdown(results)
     print(md)
     meta = {"torch": torch.__version__, "threads": args.threads, "device": "cpu"}

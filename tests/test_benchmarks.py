@@ -35,7 +35,8 @@ def test_step_overhead_writes_results(tmp_path):
     assert step_overhead.main(["--models", "mlp", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "step_overhead.json").read_text())
     r = report["results"][0]
-    assert r["model"] == "mlp" and r["ratios"]["whole_vbpc/adamw"] > 0
+    q = r["ratios"]["whole_vbpc/adamw"]
+    assert r["model"] == "mlp" and 0 < q["min"] <= q["median"] <= q["max"]
     assert r["state_bytes_per_param"]["ivon"] == 8.0  # momentum + h in fp32 (the mean is the parameter)
 
 
@@ -45,7 +46,8 @@ def test_bma_speed_writes_results(tmp_path):
     assert bma_speed.main(["--models", "mlp", "--batches", "16", "--samples", "2", "--rounds", "1",
                            "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bma_speed.json").read_text())["results"][0]
-    assert r["model"] == "mlp" and r["samples"] == 2 and r["ratios"]["vmap/(S*forward)"] > 0
+    q = r["ratios"]["vmap/loop"]
+    assert r["model"] == "mlp" and r["samples"] == 2 and 0 < q["min"] <= q["median"] <= q["max"]
     assert (tmp_path / "bma_speed.md").read_text().startswith("| model |")
 
 
@@ -87,8 +89,117 @@ def test_suite_entry_point(tmp_path, capsys, monkeypatch):
     suite = importlib.import_module("benchmarks.__main__")
     assert suite.main(["list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("speed", "convex", "calibration", "continual", "finetune", "merge", "gpu"):
+    for name in ("speed", "convex", "calibration", "continual", "finetune", "merge", "lm", "ablation", "gpu"):
         assert name in listed
-    assert suite.main(["run", "lm"]) == 2  # not built yet: says so
     monkeypatch.setattr(suite, "QUICK", str(tmp_path))
     assert suite.main(["run", "gpu", "--quick"]) in (0, 1)
+
+
+def test_speed_quick_combines_and_checks_targets(tmp_path):
+    import speed
+
+    assert speed.main(["--quick", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "speed.md").read_text()
+    assert "| mlp |" in md and "BMA vmap ÷ loop" in md and "bytes per parameter" in md
+    assert "IVON-PoCoMo ÷ IVON ≤ 2.05×: mlp " in md and ("(met)" in md or "missed" in md)
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["step"]["results"][0]["ratios"]["whole_ivon-poco/vbpc"]["median"] > 0
+
+
+def test_speed_targets_say_by_how_much():
+    import speed
+
+    r = {"model": "cnn", "ratios": {"whole_vbpc/adamw": {"median": 1.26}, "whole_ivon-poco/vbpc": {"median": 2.0},
+                                    "opt_vbpc/ivon-opt": None}}
+    text = speed.targets([r], [])
+    assert "cnn 1.26× (**missed** by 20%)" in text and "cnn 2.00× (met)" in text
+    assert "ivon-opt ≤ 0.7×" not in text  # no reference installed: no line rather than a made-up one
+
+
+def test_lm_quick_writes_results(tmp_path):
+    import lm
+
+    assert lm.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "lm.json").read_text())
+    runs = {r["method"]: r for r in report["runs"]}
+    assert set(runs) == set(lm.METHODS)
+    b = report["settings"]["batch_size"]
+    for m in ("adamw", "ivon"):
+        assert runs[m]["final"]["grad_evals"] == runs[m]["steps"] * b  # one pass per step
+    poco, matched = runs["ivon-pocomo"], runs["ivon-pocomo-matched"]
+    assert poco["final"]["grad_evals"] > 2 * b * (poco["steps"] - report["settings"]["warmup"])  # 2 passes + refreshes
+    # the matched budget, from the optimizer's own counters: within one step of the others' evaluations
+    budget = runs["adamw"]["final"]["grad_evals"]
+    assert budget - 2 * b < matched["final"]["grad_evals"] <= budget
+    for r in report["runs"]:
+        c = r["curve"][-1]
+        assert 1.0 < c["val_ppl"] < 100 and 0.0 <= c["val_ece"] <= 1.0
+        assert abs(c["val_ppl"] - 2.718281828 ** c["val_loss"]) < 1e-6 * c["val_ppl"]
+    assert "val_ppl_bma" in runs["ivon"]["final"] and "val_ppl_bma" not in runs["adamw"]["final"]
+    md = (tmp_path / "lm.md").read_text()
+    assert "| IVON-PoCoMo (equal grad. evals) |" in md
+    for axis in ("steps", "evals", "wallclock"):
+        assert (tmp_path / f"lm_{axis}.png").stat().st_size > 5000
+
+
+def test_lm_interp_and_matched_steps():
+    import argparse
+
+    import lm
+
+    curve = [{"step": 0, "v": 10.0}, {"step": 10, "v": 6.0}, {"step": 20, "v": 5.0}]
+    assert lm.interp(curve, "step", 5, "v") == 8.0 and lm.interp(curve, "step", 20, "v") == 5.0
+    assert lm.interp(curve, "step", 21, "v") != lm.interp(curve, "step", 21, "v")  # NaN beyond the end
+    args = argparse.Namespace(batch_size=16, warmup=50, anchor_period=100, megabatch=128, steps=800)
+    s = lm.matched_steps(args)
+
+    def cost(s: int) -> int:
+        return 2 * 16 * (s - 50) + 16 * 50 + 2 * 128 * -(-(s - 50) // 100)
+
+    assert cost(s) <= 16 * 800 < cost(s + 1) and s == 393
+
+
+def test_ablation_quick_writes_results(tmp_path):
+    import ablation
+
+    assert ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["variant"] for r in report["lm"]] == list(ablation.LM_VARIANTS)
+    assert [r["variant"] for r in report["convex"]] == list(ablation.CONVEX_VARIANTS)
+    lm_runs = {r["variant"]: r for r in report["lm"]}
+    # a bigger mega-batch costs more gradient evaluations; the uncorrected reference costs the least
+    assert lm_runs["M = 512"]["final"]["grad_evals"] > lm_runs["default"]["final"]["grad_evals"]
+    assert lm_runs["IVON (no correction)"]["final"]["grad_evals"] < lm_runs["M = 32"]["final"]["grad_evals"]
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| proximal on |" in md and "| no Hessian correction |" in md and "| α constant |" in md
+    assert (tmp_path / "ablation_lm.png").stat().st_size > 5000
+    assert (tmp_path / "ablation_convex.png").stat().st_size > 5000
+
+
+def test_readme_regeneration(tmp_path):
+    import readme
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- results:a.md -->\nold table\n<!-- /results:a.md -->\n"
+                   "<!-- results:b.md -->\nkept\n<!-- /results:b.md -->\nend\n")
+    assert readme.blocks(doc.read_text()) == ["a.md", "b.md"]
+    assert readme.update_readme(doc, results) == (["a.md"], ["b.md"])
+    assert doc.read_text() == ("intro\n<!-- results:a.md -->\n| x |\n|---|\n| 1 |\n<!-- /results:a.md -->\n"
+                               "<!-- results:b.md -->\nkept\n<!-- /results:b.md -->\nend\n")
+    assert readme.update_readme(doc, results) == ([], ["b.md"])  # idempotent
+    doc.write_text("<!-- results:../secret.md -->\nx\n<!-- /results:../secret.md -->\n")
+    with pytest.raises(ValueError, match="outside"):
+        readme.update_readme(doc, results)
+
+
+def test_readme_blocks_all_have_result_files():
+    import readme
+
+    text = (readme.ROOT / "README.md").read_text()
+    names = readme.blocks(text)
+    assert {"speed.md", "convex.md", "calibration.md", "lm.md", "ablation.md"} <= set(names)
+    for name in names:
+        assert (readme.ROOT / "benchmarks" / "results" / name).is_file(), name
