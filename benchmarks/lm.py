@@ -12,7 +12,9 @@ Methods (one ``--steps`` budget; hyperparameters of ``vbpc gpt`` / ALGORITHMS.md
   weights, ess = 10 x the training tokens;
 * ``ivon-pocomo``: IVON-PoCoMo (ALGORITHMS.md §6, eqs. 21-22) with the same IVON settings,
   α0 = 0.75 decaying linearly to 0 over the anchor intervals, anchor refreshed after the warm-up
-  and then every ``--anchor-period`` steps on a fresh mega-batch of ``--megabatch`` sequences;
+  and then every ``--anchor-period`` steps on a fresh mega-batch of ``--megabatch`` sequences
+  (512 = 32 batches, §6.2's example; the error of the mega-batch mean is the same for all T steps
+  of a period, so a small one biases the whole period: see the ``ablation`` benchmark);
   two gradient evaluations per step (current + anchor, same batch, shared noise);
 * ``ivon-pocomo-matched``: the same learner with its step budget cut so that its gradient
   evaluations (inner passes + refreshes) equal the others' (its own full cosine schedule).
@@ -78,7 +80,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.75)
     ap.add_argument("--alpha-schedule", default="linear", choices=["constant", "linear"])
     ap.add_argument("--anchor-period", type=int, default=100)
-    ap.add_argument("--megabatch", type=int, default=128, help="sequences per refresh")
+    ap.add_argument("--megabatch", type=int, default=512,
+                    help="sequences per refresh (32 batches, as ALGORITHMS.md §6.2 suggests)")
     ap.add_argument("--anchor-noise", default="shared", choices=["shared", "independent"])
     ap.add_argument("--no-correct-hessian", dest="correct_hessian", action="store_false")
     ap.add_argument("--proximal", action="store_true")

@@ -135,7 +135,7 @@ def test_memory_curvature_is_the_antithetic_price_mean_and_is_clamped():
     sig = [1 / p.sqrt() for p in old.precision.values()]
     z = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
     h_ref = []
-    for i, (mo, s, zi) in enumerate(zip(old.mean.values(), sig, z)):
+    for i, (_mo, s, zi) in enumerate(zip(old.mean.values(), sig, z)):
         gp = _grad(model, [m + s_ * z_ for m, s_, z_ in zip(old.mean.values(), sig, z)], xm, ym)[i]
         gm = _grad(model, [m - s_ * z_ for m, s_, z_ in zip(old.mean.values(), sig, z)], xm, ym)[i]
         h_ref.append(0.5 * (gp * zi / s + gm * (-zi) / s))

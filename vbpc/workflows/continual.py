@@ -330,10 +330,11 @@ def _plot(summary: dict[str, Any], n_tasks: int, path: Path, title: str) -> None
             ax.fill_between(ts, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)], alpha=0.2)
     for ax, lab in zip(axes, ("average accuracy", "forgetting", "ECE (seen tasks)")):
         ax.set_xlabel("tasks seen")
-        ax.set_title(lab)
+        ax.set_ylabel(lab)
         ax.set_xticks(ts)
-    axes[0].legend()
-    fig.suptitle(title, y=1.04)
+    axes[0].legend(title="method", fontsize=8)
+    fig.suptitle(f"{title} (mean ± std over seeds)")
+    fig.tight_layout()
     save_figure(fig, path)
 
 

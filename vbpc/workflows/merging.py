@@ -152,6 +152,8 @@ def _plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
         ax.bar([j + i * width for j in range(len(names) + 1)], vals, width, label=m)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names) + 1)], [*names, "mean"])
     ax.set_ylabel("test accuracy (mean weights)")
+    ax.set_xlabel("task")
+    ax.set_title("merged posteriors on every task (mean over seeds)")
     ax.legend(fontsize=7, ncol=3)
     save_figure(fig, path)
 
