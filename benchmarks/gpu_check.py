@@ -1,6 +1,6 @@
 """GPU check: CUDA, bf16 and a single-GPU run of the character-LM benchmark (issue 7).
 
-Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_check.py [--steps 300]
+Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_check.py [--steps 1000]
 
 1. device, torch and CUDA versions;
 2. correctness on the GPU: IVON and IVON-PoCo steps on CUDA, the fp32 state under bf16 autocast
@@ -8,7 +8,9 @@ Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_check.py [--steps 30
    the posterior bitwise unchanged, sampling restored bit for bit;
 3. whole-step time ratios (median of interleaved rounds) vbpc.IVON ÷ AdamW and IVON-PoCo ÷ IVON
    on a GPT-2 4 x 256 at batch 16 x 128, and ``torch.cuda.max_memory_allocated`` per learner;
-4. a short character-LM run on Shakespeare (AdamW vs IVON, bf16 autocast): validation loss.
+4. the ``lm`` benchmark at a larger scale (GPT-mini 6 x 384, batch 64 x 256, bf16 autocast, seed 0):
+   AdamW, IVON and IVON-PoCoMo curves against steps, gradient evaluations and GPU wall clock,
+   written to ``benchmarks/results/gpu/``.
 
 On a machine without CUDA it prints why and exits with status 0 (nothing to check).
 Writes benchmarks/results/gpu_check.json.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -137,50 +138,24 @@ def speed(dev: torch.device, rounds: int) -> dict:
     return res
 
 
-def lm(dev: torch.device, steps: int) -> dict:
-    from vbpc.data import CharTokenizer, load_corpus
-    from vbpc.models import char_gpt2
+def lm_curves(steps: int, out: Path) -> dict:
+    """The ``lm`` benchmark (``benchmarks/lm.py``) at a larger scale on the GPU under bf16 autocast:
+    GPT-mini 6 x 384, batch 64 x 256, seed 0, AdamW / IVON / IVON-PoCoMo / evaluation-matched
+    IVON-PoCoMo, the three compute axes; its curves and table go to ``out``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lm as lm_bench
 
-    text = load_corpus("shakespeare")
-    tok = CharTokenizer(text)
-    ids = tok.encode(text)
-    split = int(0.9 * len(ids))
-    train, val = ids[:split].to(dev), ids[split:].to(dev)
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def batch(src):
-        i = torch.randint(0, len(src) - 129, (32,), generator=g)
-        return torch.stack([src[j:j + 128] for j in i.tolist()])
-
-    out = {}
-    for kind in ("adamw", "ivon"):
-        torch.manual_seed(0)
-        model = char_gpt2(tok.vocab_size, block_size=128, n_layer=4, n_embd=256, n_head=4).to(dev)
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if kind == "adamw" else
-               vbpc.IVON(model.parameters(), lr=0.2, ess=10 * len(train), hess_init=1e-2, clip_radius=1e-3,
-                         beta2=0.999))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            xb = batch(train)
-
-            def closure():
-                opt.zero_grad()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(input_ids=xb, labels=xb).loss
-                loss.backward()
-                return loss
-            opt.step(closure)
-        _sync()
-        model.eval()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            vl = statistics.mean(float(model(input_ids=(v := batch(val)), labels=v).loss) for _ in range(16))
-        out[kind] = {"val_loss": vl, "val_ppl": math.exp(vl), "seconds": time.perf_counter() - t0}
-    return out
+    lm_bench.main(["--device", "cuda", "--bf16", "--seeds", "0", "--n-layer", "6", "--n-embd", "384", "--n-head", "6",
+                   "--batch-size", "64", "--block-size", "256", "--steps", str(steps),
+                   "--warmup", str(max(1, steps // 16)), "--anchor-period", str(max(2, steps // 8)),
+                   "--megabatch", "2048", "--eval-every", str(max(1, steps // 20)), "--eval-blocks", "128",
+                   "--no-progress", "--out", str(out)])
+    return json.loads((out / "lm.json").read_text())["summary"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300, help="LM steps per learner")
+    ap.add_argument("--steps", type=int, default=1000, help="LM steps per learner")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     args = ap.parse_args(argv)
@@ -195,7 +170,7 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1), flush=True)
     report["speed"] = speed(dev, args.rounds)
     print(json.dumps(report["speed"], indent=1), flush=True)
-    report["lm"] = lm(dev, args.steps)
+    report["lm"] = lm_curves(args.steps, Path(args.out).parent / "gpu")
     print(json.dumps(report["lm"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1))

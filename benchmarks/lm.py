@@ -46,6 +46,7 @@ from torch import Tensor, nn
 import vbpc
 from vbpc.data import CharTokenizer, RandomBlocks, SequentialBlocks, load_corpus, split_tokens
 from vbpc.data.loading import seed_everything
+from vbpc.inference.poco import alpha_at
 from vbpc.io import atomic_write_text
 from vbpc.metrics import token_metrics
 from vbpc.models import causal_lm_loss, char_gpt2
@@ -85,6 +86,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--anchor-noise", default="shared", choices=["shared", "independent"])
     ap.add_argument("--no-correct-hessian", dest="correct_hessian", action="store_false")
     ap.add_argument("--proximal", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes (GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -104,12 +107,28 @@ class Data:
     """The corpus, the tokenizer, the training stream and fixed validation blocks."""
 
     def __init__(self, args: argparse.Namespace):
+        self.device = device_of(args)
         text = load_corpus("shakespeare")
         self.tok = CharTokenizer(text)
-        self.train, val = split_tokens(self.tok.encode(text), 0.1)
+        train, val = split_tokens(self.tok.encode(text), 0.1)
+        self.train = train.to(self.device)
         blocks = SequentialBlocks(val[: args.eval_blocks * args.block_size + 1], args.block_size)
-        self.val = blocks[list(range(len(blocks)))]
+        x, y = blocks[list(range(len(blocks)))]
+        self.val = (x.to(self.device), y.to(self.device))
         self.n_chars = len(text)
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter`` after the device's queued work (CUDA kernels are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -133,33 +152,46 @@ def make_optimizer(method: str, model: nn.Module, args: argparse.Namespace, ess:
                          correct_hessian=args.correct_hessian, proximal=args.proximal)
 
 
-def matched_steps(args: argparse.Namespace) -> int:
-    r"""Steps of ``ivon-pocomo-matched``: the largest S with
-    :math:`2B(S-t_w)+Bt_w+2M\lceil(S-t_w)/T\rceil\le BS_{\text{others}}` (two passes per corrected
-    step, none during the warm-up, an antithetic pair per mega-batch sequence per refresh)."""
+def pocomo_cost(args: argparse.Namespace, steps: int) -> int:
+    r"""Gradient evaluations (sequences) of an IVON-PoCoMo run of ``steps`` steps: :math:`B` per step,
+    :math:`B` more per step whose :math:`\alpha_t>0` (the anchor pass; none in the warm-up nor in
+    the last interval of the linear schedule) and an antithetic pair per mega-batch sequence at each
+    of the :math:`K=\lceil(S-t_w)/T\rceil` refreshes (eq. 24)."""
     b, tw, t, m = args.batch_size, args.warmup, args.anchor_period, args.megabatch
-    budget = b * args.steps
-    s = args.steps
-    while s > tw and 2 * b * (s - tw) + b * tw + 2 * m * math.ceil((s - tw) / t) > budget:
-        s -= 1
-    return s
+    k = max(0, math.ceil((steps - tw) / t))
+    corrected = sum(min(t, steps - tw - i * t) for i in range(k)
+                    if alpha_at(args.alpha, args.alpha_schedule, i, k) > 0)
+    return b * steps + b * corrected + 2 * m * k
+
+
+def matched_steps(args: argparse.Namespace) -> int:
+    """Steps of ``ivon-pocomo-matched``: the most steps whose :func:`pocomo_cost` does not exceed the
+    others' ``steps x batch`` gradient evaluations."""
+    budget = args.batch_size * args.steps
+    return max(s for s in range(1, args.steps + 1) if pocomo_cost(args, s) <= budget)
+
+
+def logits_of(model: nn.Module, x: Tensor, bf16: bool = False) -> Tensor:
+    """The model's logits, under bf16 autocast when asked (the optimizer state stays fp32)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(x).logits
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, posterior: Optional[vbpc.GaussianPosterior] = None,
-             samples: int = 0, seed: int = 0) -> dict[str, float]:
+             samples: int = 0, seed: int = 0, bf16: bool = False) -> dict[str, float]:
     """Token metrics on the validation blocks (labels already shifted), at the weights or by BMA
     (a running ``logaddexp`` of the per-sample log-probabilities, eq. 33)."""
     model.eval()
     if posterior is None or samples == 0:
-        logits = model(x).logits.float()
+        logits = logits_of(model, x, bf16).float()
         m = token_metrics(logits, y, shift=False)
     else:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device=x.device).manual_seed(seed)
         acc: Optional[Tensor] = None
         for _ in range(samples):
             with posterior.sampled(model, generator=g):
-                lp = torch.log_softmax(model(x).logits.float(), -1)
+                lp = torch.log_softmax(logits_of(model, x, bf16).float(), -1)
             acc = lp if acc is None else torch.logaddexp(acc, lp)
         assert acc is not None
         m = token_metrics(acc - math.log(samples), y, shift=False, inputs="log_probs")
@@ -171,7 +203,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data) -> dic
     """Train one method from one seed; returns its evaluation curve and summary."""
     steps = matched_steps(args) if method == "ivon-pocomo-matched" else args.steps
     seed_everything(seed)
-    model = char_gpt2(data.tok.vocab_size, args.block_size, args.n_layer, args.n_embd, args.n_head)
+    model = char_gpt2(data.tok.vocab_size, args.block_size, args.n_layer, args.n_embd, args.n_head).to(data.device)
     ess = 10.0 * data.train.numel()
     opt = make_optimizer(method, model, args, ess, steps)
     sched = warmup_cosine_scheduler(opt, args.warmup, steps)
@@ -180,18 +212,19 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data) -> dic
     poco = isinstance(opt, vbpc.IVONPoCo)
 
     def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
-        return causal_lm_loss(model(batch[0]).logits, batch[1])
+        return causal_lm_loss(logits_of(model, batch[0], args.bf16), batch[1])
 
     curve: list[dict[str, float]] = []
     train_s, evals = 0.0, 0
 
     def record(step: int) -> None:
         ge = (opt.counters["inner_examples"] + opt.counters["refresh_examples"]) if poco else evals
-        curve.append({"step": step, "grad_evals": int(ge), "seconds": train_s, **evaluate(model, *data.val)})
+        curve.append({"step": step, "grad_evals": int(ge), "seconds": train_s,
+                      **evaluate(model, *data.val, bf16=args.bf16)})
 
     record(0)
     for step, (x, y) in enumerate(batches, 1):
-        t0 = time.perf_counter()
+        t0 = _clock(data.device)
         if poco and opt.refresh_due:  # type: ignore[attr-defined]
             mb = RandomBlocks(data.train, args.block_size, args.batch_size,
                               math.ceil(args.megabatch / args.batch_size), generator=mega)
@@ -199,7 +232,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data) -> dic
 
         def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
             opt.zero_grad()
-            loss = causal_lm_loss(model(x).logits, y)
+            loss = causal_lm_loss(logits_of(model, x, args.bf16), y)
             loss.backward()
             if method == "adamw":
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -208,7 +241,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data) -> dic
         loss = opt.step(closure, batch_size=len(x)) if poco else opt.step(closure)  # type: ignore[call-arg]
         sched.step()
         evals += len(x)
-        train_s += time.perf_counter() - t0
+        train_s += _clock(data.device) - t0
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{method} seed {seed}: loss {float(loss.detach())} at step {step}")
         if step % args.eval_every == 0 or step == steps:
@@ -219,7 +252,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data) -> dic
                       f"ECE {c['val_ece']:.4f}, {c['grad_evals']} grad evals, {c['seconds']:.0f} s", flush=True)
     final = dict(curve[-1])
     if method != "adamw" and args.test_samples > 0:
-        bma = evaluate(model, *data.val, opt.posterior(model), args.test_samples, seed)  # type: ignore[attr-defined]
+        bma = evaluate(model, *data.val, opt.posterior(model), args.test_samples, seed,  # type: ignore[attr-defined]
+                       bf16=args.bf16)
         final.update({f"{k}_bma": v for k, v in bma.items()})
     return {"method": method, "seed": seed, "steps": steps, "curve": curve, "final": final}
 
@@ -279,7 +313,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(head + rows) + "\n", {"g_star": g_star, "t_star": t_star, "methods": table}
 
 
-def plot(runs: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
+def plot(runs: list[dict[str, Any]], out: Path, title: str, clock: str = "CPU") -> list[Path]:
     """One figure per compute axis (steps, gradient evaluations, wall clock): validation
     perplexity and token ECE, the seed mean as a line and the seed min-max as a band."""
     import matplotlib
@@ -289,7 +323,7 @@ def plot(runs: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
     from vbpc.evaluation.plots import save_figure
 
     axes = {"steps": ("step", "optimizer steps"), "evals": ("grad_evals", "gradient evaluations (sequences)"),
-            "wallclock": ("seconds", "training wall clock (s, 2-core CPU)")}
+            "wallclock": ("seconds", f"training wall clock (s, {clock})")}
     paths = []
     for name, (key, xlabel) in axes.items():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -325,7 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = Data(args)
     params = sum(p.numel() for p in char_gpt2(data.tok.vocab_size, args.block_size, args.n_layer, args.n_embd,
                                                 args.n_head).parameters())
-    print(f"Shakespeare: {data.n_chars:,} characters, vocab {data.tok.vocab_size}, {data.train.numel():,} train "
+    print(f"{data.device}{' bf16' if args.bf16 else ''}: Shakespeare: {data.n_chars:,} characters, "
+          f"vocab {data.tok.vocab_size}, {data.train.numel():,} train "
           f"tokens; GPT-mini {args.n_layer}x{args.n_embd}, {params:,} parameters; {args.steps} steps "
           f"(matched PoCoMo: {matched_steps(args)})", flush=True)
     runs = []
@@ -341,7 +376,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     md = md.replace("{n}", str(args.test_samples))
     print(md)
     title = f"char GPT-mini {args.n_layer}x{args.n_embd} on Shakespeare, seeds {args.seeds}"
-    plot(runs, out, title)
+    dev = data.device
+    clock = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
+    plot(runs, out, title, clock)
     report = {"settings": vars(args), "params": params, "summary": summary, "runs": runs}
     atomic_write_text(out / "lm.json", json.dumps(report, indent=1))
     atomic_write_text(out / "lm.md", md)

@@ -150,13 +150,14 @@ def test_lm_interp_and_matched_steps():
     curve = [{"step": 0, "v": 10.0}, {"step": 10, "v": 6.0}, {"step": 20, "v": 5.0}]
     assert lm.interp(curve, "step", 5, "v") == 8.0 and lm.interp(curve, "step", 20, "v") == 5.0
     assert lm.interp(curve, "step", 21, "v") != lm.interp(curve, "step", 21, "v")  # NaN beyond the end
-    args = argparse.Namespace(batch_size=16, warmup=50, anchor_period=100, megabatch=128, steps=800)
+    args = argparse.Namespace(batch_size=16, warmup=50, anchor_period=100, megabatch=512, steps=800, alpha=0.75,
+                              alpha_schedule="linear")
+    # 360 steps: K = 4 refreshes (at 50, 150, 250, 350), α = 0.75, 0.5, 0.25, 0 -> 300 corrected steps
+    assert lm.pocomo_cost(args, 360) == 16 * 360 + 16 * 300 + 2 * 512 * 4
     s = lm.matched_steps(args)
-
-    def cost(s: int) -> int:
-        return 2 * 16 * (s - 50) + 16 * 50 + 2 * 128 * -(-(s - 50) // 100)
-
-    assert cost(s) <= 16 * 800 < cost(s + 1) and s == 393
+    assert lm.pocomo_cost(args, s) <= 16 * 800 < min(lm.pocomo_cost(args, t) for t in range(s + 1, 801))
+    args.alpha_schedule = "constant"  # every post-warm-up step corrected
+    assert lm.pocomo_cost(args, 360) == 16 * 360 + 16 * 310 + 2 * 512 * 4
 
 
 def test_ablation_quick_writes_results(tmp_path):
