@@ -170,6 +170,13 @@ def plot(lm_runs: list[dict[str, Any]], convex_runs: list[dict[str, Any]], out: 
         fig.tight_layout()
         save_figure(fig, out / name)
 
+    if lm_runs:
+        plot_lm(lm_runs, out, save, plt)
+    if convex_runs:
+        plot_convex(convex_runs, out, save, plt)
+
+
+def plot_lm(lm_runs: list[dict[str, Any]], out: Path, save: Any, plt: Any) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.4))
     seed = min(r["seed"] for r in lm_runs)
     for r in (r for r in lm_runs if r["seed"] == seed):
@@ -183,6 +190,8 @@ def plot(lm_runs: list[dict[str, Any]], convex_runs: list[dict[str, Any]], out: 
     ax.legend(fontsize=7, ncol=2)
     save(fig, "ablation_lm.png")
 
+
+def plot_convex(convex_runs: list[dict[str, Any]], out: Path, save: Any, plt: Any) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for r in (r for r in convex_runs if r["seed"] == 0):
         xs = [p["passes"] for p in r["curve"]]
@@ -220,8 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         md.append(convex_table(report["convex"]))
     text = "\n".join(md)
     print(text)
-    if not (args.skip_lm or args.skip_convex):
-        plot(report["lm"], report["convex"], out)
+    plot(report.get("lm", []), report.get("convex", []), out)
     atomic_write_text(out / "ablation.json", json.dumps(report, indent=1))
     atomic_write_text(out / "ablation.md", text)
     return 0

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vbpc
+from vbpc.errors import NonFiniteError
 from vbpc.data import load_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,13 +131,18 @@ def run_method(name: str, prob: Problem, make: Callable, epochs: int, batch: int
                     loss.backward()
                 return loss
 
-            if hasattr(opt, "counters"):
-                before = opt.counters["inner_examples"]
-                opt.step(closure, batch_size=len(idx))
-                evals += opt.counters["inner_examples"] - before
-            else:
-                opt.step(closure)
-                evals += len(idx) * getattr(opt, "mc_samples", 1)
+            try:
+                if hasattr(opt, "counters"):
+                    before = opt.counters["inner_examples"]
+                    opt.step(closure, batch_size=len(idx))
+                    evals += opt.counters["inner_examples"] - before
+                else:
+                    opt.step(closure)
+                    evals += len(idx) * getattr(opt, "mc_samples", 1)
+            except (NonFiniteError, FloatingPointError) as e:  # diverged: recorded, not fatal to the study
+                curve.append({"passes": evals / prob.n, "rel_subopt": float("inf"),
+                              "seconds": time.perf_counter() - t0})
+                return {"method": name, "seed": seed, "curve": curve, "diverged": str(e)}
         record()
     return {"method": name, "seed": seed, "curve": curve}
 
