@@ -38,9 +38,11 @@ BMA_TARGET = 0.5
 
 
 def _verdict(value: float, target: float) -> str:
+    """``1.26× (**missed** by 20%)``; three digits and a decimal when it is missed by under 1%."""
     if value <= target:
         return f"{value:.2f}× (met)"
-    return f"{value:.2f}× (**missed** by {100 * (value / target - 1):.0f}%)"
+    miss = 100 * (value / target - 1)
+    return f"{value:.3f}× (**missed** by {miss:.1f}%)" if miss < 1 else f"{value:.2f}× (**missed** by {miss:.0f}%)"
 
 
 def targets(step: list[dict[str, Any]], bma: list[dict[str, Any]]) -> str:
