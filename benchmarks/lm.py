@@ -91,6 +91,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--from-json", action="store_true",
+                    help="rebuild lm.md and the figures from --out/lm.json without retraining")
     return ap
 
 
@@ -320,7 +322,7 @@ def plot(runs: list[dict[str, Any]], out: Path, title: str, clock: str = "CPU") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vbpc.evaluation.plots import save_figure
+    from vbpc.evaluation.plots import log_yaxis, save_figure
 
     axes = {"steps": ("step", "optimizer steps"), "evals": ("grad_evals", "gradient evaluations (sequences)"),
             "wallclock": ("seconds", f"training wall clock (s, {clock})")}
@@ -336,7 +338,7 @@ def plot(runs: list[dict[str, Any]], out: Path, title: str, clock: str = "CPU") 
                 line, = ax.plot(xs[1:], [statistics.mean(y) for y in ys[1:]], label=LABELS[m], marker=".")
                 ax.fill_between(xs[1:], [min(y) for y in ys[1:]], [max(y) for y in ys[1:]],
                                 color=line.get_color(), alpha=0.2)
-        a1.set_yscale("log")
+        log_yaxis(a1)
         a1.set_ylabel("validation perplexity (per character)")
         a2.set_ylabel("token-level ECE (15 bins)")
         for ax in (a1, a2):
@@ -350,8 +352,26 @@ def plot(runs: list[dict[str, Any]], out: Path, title: str, clock: str = "CPU") 
     return paths
 
 
+def rebuild(out: Path) -> int:
+    """Rewrite ``lm.md`` and the three figures from an existing ``lm.json`` without retraining."""
+    path = out / "lm.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-json: {path} does not exist; run the benchmark first")
+    report = json.loads(path.read_text())
+    s, runs = report["settings"], report["runs"]
+    md, _ = summarize(runs)
+    md = md.replace("{n}", str(s["test_samples"]))
+    print(md)
+    title = f"char GPT-mini {s['n_layer']}x{s['n_embd']} on Shakespeare, seeds {s['seeds']}"
+    plot(runs, out, title, report.get("clock", f"CPU, {s['threads']} threads"))
+    atomic_write_text(out / "lm.md", md)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    if args.from_json:
+        return rebuild(Path(args.out))
     if args.quick:
         args = quick(args)
     torch.set_num_threads(args.threads)
@@ -379,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dev = data.device
     clock = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
     plot(runs, out, title, clock)
-    report = {"settings": vars(args), "params": params, "summary": summary, "runs": runs}
+    report = {"settings": vars(args), "params": params, "clock": clock, "summary": summary, "runs": runs}
     atomic_write_text(out / "lm.json", json.dumps(report, indent=1))
     atomic_write_text(out / "lm.md", md)
     return 0

@@ -140,6 +140,13 @@ def test_lm_quick_writes_results(tmp_path):
     assert "| IVON-PoCoMo (equal grad. evals) |" in md
     for axis in ("steps", "evals", "wallclock"):
         assert (tmp_path / f"lm_{axis}.png").stat().st_size > 5000
+    # --from-json rebuilds the identical table (and the figures) without retraining
+    (tmp_path / "lm.md").unlink()
+    (tmp_path / "lm_steps.png").unlink()
+    assert lm.main(["--from-json", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "lm.md").read_text() == md and (tmp_path / "lm_steps.png").is_file()
+    with pytest.raises(FileNotFoundError, match="lm.json"):
+        lm.main(["--from-json", "--out", str(tmp_path / "nowhere")])
 
 
 def test_lm_interp_and_matched_steps():
@@ -176,6 +183,12 @@ def test_ablation_quick_writes_results(tmp_path):
     assert "| proximal on |" in md and "| no Hessian correction |" in md and "| α constant |" in md
     assert (tmp_path / "ablation_lm.png").stat().st_size > 5000
     assert (tmp_path / "ablation_convex.png").stat().st_size > 5000
+    assert "one seed, no spread" in md and " ± " not in md.split("Convex")[0]  # no fake ± 0.000 for one seed
+    (tmp_path / "ablation.md").unlink()
+    assert ablation.main(["--from-json", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation.md").read_text() == md
+    with pytest.raises(FileNotFoundError, match="ablation.json"):
+        ablation.main(["--from-json", "--out", str(tmp_path / "nowhere")])
 
 
 def test_readme_regeneration(tmp_path):

@@ -23,7 +23,7 @@ from torch import Tensor  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
 
-__all__ = ["plot_ood_scores", "plot_reliability", "plot_risk_coverage", "save_figure"]
+__all__ = ["log_yaxis", "plot_ood_scores", "plot_reliability", "plot_risk_coverage", "save_figure"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -33,6 +33,15 @@ def save_figure(fig: Any, path: PathLike, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
+
+
+def log_yaxis(ax: Any) -> None:
+    """A log-scale y axis whose major and minor ticks read as plain numbers (``12``, not ``1.2\\times10^1``)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
 def plot_reliability(diagrams: Mapping[str, Any], path: Optional[PathLike] = None, title: str = "") -> Any:
