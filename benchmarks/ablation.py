@@ -52,9 +52,8 @@ LM_VARIANTS: dict[str, dict[str, Any]] = {
     "IVON (no correction)": {"method": "ivon"},
 }
 
-#: the LM default every row changes one option of (the ``lm`` benchmark's IVON-PoCoMo)
-LM_DEFAULT_TEXT = ("IVON-PoCoMo, α0 = 0.75 with linear decay, anchor period T = 100 steps, "
-                   "mega-batch M = 512 sequences, shared anchor noise, Hessian corrected, no proximal term")
+#: the IVON-PoCoMo options of the ``lm`` benchmark that the LM variants change (recorded as the default)
+LM_OPTIONS = ("alpha", "alpha_schedule", "anchor_period", "megabatch", "anchor_noise", "correct_hessian", "proximal")
 
 #: convex variants: name -> IVON-PoCo keyword overrides; ``megabatch``/``period``/``method`` are special
 CONVEX_VARIANTS: dict[str, dict[str, Any]] = {
@@ -72,12 +71,24 @@ CONVEX_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
+def describe_default(d: dict[str, Any]) -> str:
+    """The LM default in words, from the recorded :data:`LM_OPTIONS` of the run."""
+    a = f"{d['alpha']:g}"
+    alpha = f"α0 = {a} with linear decay" if d["alpha_schedule"] == "linear" else f"α = {a} constant"
+    hess = "Hessian corrected" if d["correct_hessian"] else "gradient only"
+    return (f"IVON-PoCoMo, {alpha}, anchor period T = {d['anchor_period']} steps, mega-batch M = {d['megabatch']} "
+            f"sequences, {d['anchor_noise']} anchor noise, {hess}, {'with' if d['proximal'] else 'no'} proximal term")
+
+
+def lm_base(args: argparse.Namespace) -> argparse.Namespace:
+    """The ``lm`` benchmark's settings every LM variant starts from."""
     base = lm.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--steps", str(args.lm_steps), "--out", args.out, "--no-progress", "--test-samples", "0",
          "--eval-every", str(max(1, args.lm_steps // 8)), "--threads", str(args.threads)])
-    if args.quick:
-        base = lm.quick(base)
+    return lm.quick(base) if args.quick else base
+
+
+def run_lm(args: argparse.Namespace, base: argparse.Namespace) -> list[dict[str, Any]]:
     data = lm.Data(base)
     runs = []
     for name, over in LM_VARIANTS.items():
@@ -134,12 +145,12 @@ def _ms(vals: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
 
 
-def lm_table(runs: list[dict[str, Any]]) -> str:
+def lm_table(runs: list[dict[str, Any]], default: dict[str, Any]) -> str:
     seeds = sorted({r["seed"] for r in runs})
     spread = "mean ± std over the seeds" if len(seeds) > 1 else "one seed, no spread"
     lines = [f"LM (char GPT-mini, {runs[0]['steps']} steps, seeds {seeds}, {spread}; validation at the posterior mean)",
              "",
-             f"Default: {LM_DEFAULT_TEXT}.", "",
+             f"Default: {describe_default(default)}.", "",
              "| variant | val ppl | token ECE | grad. evals (sequences) | train s |", "|---|---:|---:|---:|---:|"]
     for v in dict.fromkeys(r["variant"] for r in runs):
         f = [r["final"] for r in runs if r["variant"] == v]
@@ -235,37 +246,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         return rebuild(out)
     report: dict[str, Any] = {"settings": vars(args)}
     if not args.skip_lm:
-        report["lm"] = run_lm(args)
+        base = lm_base(args)
+        report["lm_default"] = {k: getattr(base, k) for k in LM_OPTIONS}
+        report["lm"] = run_lm(args, base)
     if not args.skip_convex:
         report["convex"], report["convex_f_star"] = run_convex(args)
-    text = tables(report)
-    print(text)
-    plot(report.get("lm", []), report.get("convex", []), out)
     atomic_write_text(out / "ablation.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "ablation.md", text)
+    write_outputs(report, out)
     return 0
 
 
-def tables(report: dict[str, Any]) -> str:
-    """The markdown of ``ablation.md`` from a report (``lm`` and/or ``convex`` runs)."""
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    """``ablation.md`` and the figures from a report (``lm`` and/or ``convex`` runs)."""
     md = []
     if report.get("lm"):
-        md.append(lm_table(report["lm"]))
+        md.append(lm_table(report["lm"], report["lm_default"]))
     if report.get("convex"):
         md.append(convex_table(report["convex"]))
-    return "\n".join(md)
-
-
-def rebuild(out: Path) -> int:
-    """Rewrite ``ablation.md`` and the figures from an existing ``ablation.json``."""
-    path = out / "ablation.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--from-json: {path} does not exist; run the ablation first")
-    report = json.loads(path.read_text())
-    text = tables(report)
+    text = "\n".join(md)
     print(text)
     plot(report.get("lm", []), report.get("convex", []), out)
     atomic_write_text(out / "ablation.md", text)
+
+
+def rebuild(out: Path) -> int:
+    """Rewrite ``ablation.md`` and the figures from an existing ``ablation.json`` (``--from-json``)."""
+    path = out / "ablation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-json: {path} does not exist; run the ablation first")
+    write_outputs(json.loads(path.read_text()), out)
     return 0
 
 

@@ -352,19 +352,22 @@ def plot(runs: list[dict[str, Any]], out: Path, title: str, clock: str = "CPU") 
     return paths
 
 
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    """``lm.md`` and the three figures from a report (``settings``, ``clock`` and ``runs``)."""
+    s = report["settings"]
+    md = summarize(report["runs"])[0].replace("{n}", str(s["test_samples"]))
+    print(md)
+    title = f"char GPT-mini {s['n_layer']}x{s['n_embd']} on Shakespeare, seeds {s['seeds']}"
+    plot(report["runs"], out, title, report.get("clock", f"CPU, {s['threads']} threads"))
+    atomic_write_text(out / "lm.md", md)
+
+
 def rebuild(out: Path) -> int:
-    """Rewrite ``lm.md`` and the three figures from an existing ``lm.json`` without retraining."""
+    """Rewrite ``lm.md`` and the figures from an existing ``lm.json`` without retraining (``--from-json``)."""
     path = out / "lm.json"
     if not path.is_file():
         raise FileNotFoundError(f"--from-json: {path} does not exist; run the benchmark first")
-    report = json.loads(path.read_text())
-    s, runs = report["settings"], report["runs"]
-    md, _ = summarize(runs)
-    md = md.replace("{n}", str(s["test_samples"]))
-    print(md)
-    title = f"char GPT-mini {s['n_layer']}x{s['n_embd']} on Shakespeare, seeds {s['seeds']}"
-    plot(runs, out, title, report.get("clock", f"CPU, {s['threads']} threads"))
-    atomic_write_text(out / "lm.md", md)
+    write_outputs(json.loads(path.read_text()), out)
     return 0
 
 
@@ -392,16 +395,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{method:20s} seed {seed}: {r['steps']} steps, val ppl {f['val_ppl']:.3f} "
                   f"(BMA {f.get('val_ppl_bma', float('nan')):.3f}), ECE {f['val_ece']:.4f}, "
                   f"{f['grad_evals']:,} grad evals, {f['seconds']:.0f} s", flush=True)
-    md, summary = summarize(runs)
-    md = md.replace("{n}", str(args.test_samples))
-    print(md)
-    title = f"char GPT-mini {args.n_layer}x{args.n_embd} on Shakespeare, seeds {args.seeds}"
     dev = data.device
     clock = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
-    plot(runs, out, title, clock)
-    report = {"settings": vars(args), "params": params, "clock": clock, "summary": summary, "runs": runs}
+    report = {"settings": vars(args), "params": params, "clock": clock, "summary": summarize(runs)[1], "runs": runs}
     atomic_write_text(out / "lm.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "lm.md", md)
+    write_outputs(report, out)
     return 0
 
 

@@ -184,6 +184,8 @@ def test_ablation_quick_writes_results(tmp_path):
     assert (tmp_path / "ablation_lm.png").stat().st_size > 5000
     assert (tmp_path / "ablation_convex.png").stat().st_size > 5000
     assert "one seed, no spread" in md and " ± " not in md.split("Convex")[0]  # no fake ± 0.000 for one seed
+    # the default is described from the run's own settings (the quick LM uses T = 8, M = 8)
+    assert "α0 = 0.75 with linear decay, anchor period T = 8 steps, mega-batch M = 8 sequences, shared" in md
     (tmp_path / "ablation.md").unlink()
     assert ablation.main(["--from-json", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "ablation.md").read_text() == md
