@@ -102,7 +102,7 @@ def test_p1_svrg_parity_with_numpy(form):
     assert opt.anchor.refreshes == 3
     # cost counters (§6.4, O29): 2 passes per corrected step, refreshes counted separately
     assert opt.counters == {"inner_passes": 2 * steps, "refresh_passes": 3 * len(chunks),
-                            "inner_examples": 2 * steps * 5, "refresh_examples": 3 * n}
+                            "inner_examples": 2 * steps * 5, "refresh_examples": 3 * n, "clipped_steps": 0}
 
 
 def test_p2_alpha_svrg_parity_megabatch_linear_schedule():

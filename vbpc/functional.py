@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_clip_grad_norm",
+    "clip_coef",
     "poco_correct_",
     "product_",
     "gaussian_noise_",
@@ -414,3 +416,31 @@ def poco_correct_(x_in: list[Tensor], x_out: list[Tensor], x_bar: list[Tensor], 
         else:
             xi.sub_(xo.mul(alpha)).add_(xb.mul(alpha))
     return x_in
+
+
+def clip_coef(tensors: list[Tensor], max_norm: float) -> Tensor:
+    r"""The global-norm clip factor :math:`c=\min\big(1,\ r/(\lVert x\rVert_2+10^{-6})\big)` of
+    ``tensors`` (one L2 norm over all of them), as a 0-dim tensor on the first tensor's device.
+
+    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms per device and
+    dtype, their norm, ``max_norm / (norm + 1e-6)`` clamped at 1), so ``x * c`` equals what that
+    utility leaves in ``p.grad``.  The caller decides what to scale (a sample's gradient in IVON,
+    the corrected :math:`\tilde g` of eq. (22) in the corrected learners)."""
+    if not tensors:
+        raise ValueError("clip_coef of no tensors")
+    dev = tensors[0].device
+    buckets: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    norms = [n for ts in buckets.values() for n in torch._foreach_norm(ts, 2.0)]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n, 2.0).to(dev) for n in norms]), 2.0)
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def check_clip_grad_norm(value: Optional[float]) -> Optional[float]:
+    """``clip_grad_norm`` is ``None`` (off) or a finite number > 0; raise ``ValueError`` naming it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"invalid clip_grad_norm={value!r}: must be None (no clipping) or a finite number > 0")
+    return float(value)

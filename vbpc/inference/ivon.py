@@ -32,6 +32,8 @@ from torch.optim import Optimizer
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import (
+    check_clip_grad_norm,
+    clip_coef,
     default_foreach,
     gaussian_noise_,
     gradsq_hessian_,
@@ -120,6 +122,15 @@ class IVON(Optimizer):
         model: the network, only for its BatchNorm running statistics (:mod:`vbpc.nn.norm`):
             with it, ``step(closure)`` lets only the first MC pass update them.
         norm_update: ``"first"`` (default), ``"all"`` (every MC pass) or ``"none"``.
+        clip_grad_norm: :math:`r`, a global L2 clip of each MC sample's gradient before it is
+            accumulated (the reference GPT-2 recipe clips at 1.0): with
+            :math:`c_s=\min(1,r/(\lVert\hat g_s\rVert_2+10^{-6}))` over all trainable parameters,
+            :math:`\hat g_s\leftarrow c_s\hat g_s`, so the Price statistic :math:`n_s\odot\hat g_s`
+            is scaled too.  This is what ``torch.nn.utils.clip_grad_norm_`` inside the closure does,
+            bit for bit.  Under ``sync`` the factor is taken once per step from the rank-averaged
+            gradient (after the all-reduce), so every rank clips identically.  Steps where a factor
+            was below 1 are counted in ``counters["clipped_steps"]``.  The corrected learners clip
+            the corrected gradient instead (:class:`vbpc.IVONPoCo`).
 
     Arithmetic: by default the update runs the fused kernels of
     :func:`vbpc.functional.ivon_update_fast_` (10 memory passes, σ cached between steps), which
@@ -158,6 +169,7 @@ class IVON(Optimizer):
         foreach: Optional[bool] = None,
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
+        clip_grad_norm: Optional[float] = None,
     ):
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"invalid mc_samples={mc_samples!r}: must be an int >= 1")
@@ -172,6 +184,9 @@ class IVON(Optimizer):
         )
         _check_hparams(defaults, "the constructor")
         self.mc_samples = mc_samples
+        self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+        self.counters: dict[str, int] = {"clipped_steps": 0}
+        self._clipped = False  # a clip factor below 1 was applied to the pending step
         self.sync = bool(sync)
         self._warned_drift = False
         self.skipped_samples = 0  # non-finite samples dropped by sampled_params(skip_nonfinite=True)
@@ -471,6 +486,7 @@ class IVON(Optimizer):
                 raise SamplingError("the trainable parameters changed between MC samples of one step")
             self._count += 1
             k, gk, sk = self._count, "grad", "stat"
+        collected = []
         for gi, params, noise in draw:
             ws = self._ws[gi]
             if not out:
@@ -488,6 +504,12 @@ class IVON(Optimizer):
                 elif g.dtype != noise[i].dtype or g.layout != torch.strided:
                     g = ws["s1"][i].copy_(g.to_dense() if g.layout != torch.strided else g)
                 grads.append(g)
+            collected.append((gi, noise, ws, grads))
+        if not out and self._clip_mode() == "sample" and not self._synced():
+            c = self._clip_factor([g for *_, grads in collected for g in grads])
+            if c is not None:
+                torch._foreach_mul_([g for *_, grads in collected for g in grads], c)
+        for gi, noise, ws, grads in collected:
             price = self.param_groups[gi]["hess_approx"] == "price"
             if not out:
                 ws["ghat"] = grads if alias else ws["grad"]
@@ -498,6 +520,48 @@ class IVON(Optimizer):
                 product_(x, nz if price else gs, gs, foreach=fe)
                 if k > 1:
                     welford_(st_, x, k, scratch=x, foreach=fe)
+
+    # ------------------------------------------------------------------ gradient clipping
+    def _clip_mode(self) -> str:
+        """``"sample"``: clip each MC sample's gradient (IVON); ``"corrected"``: clip the corrected
+        gradient after the correction (the corrected learners at :math:`\alpha_t>0`)."""
+        return "sample"
+
+    def _synced(self) -> bool:
+        return self.sync and ranks.active()
+
+    def _clip_factor(self, grads: list[Tensor]) -> Optional[Tensor]:
+        """The factor :math:`c<1` of ``clip_grad_norm`` for ``grads`` (one host sync), or ``None`` when the
+        clip is off or inactive.  A non-finite norm is left to the finite check, which names the
+        parameter; a norm that overflowed on finite gradients raises here."""
+        if self.clip_grad_norm is None or not grads:
+            return None
+        c = clip_coef(grads, self.clip_grad_norm)
+        value = float(c)
+        if not math.isfinite(value) or value == 0.0:
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                raise NonFiniteError("the gradient norm overflowed on finite gradients (clip_grad_norm); "
+                                     "the step was skipped and no state changed")
+            return None  # non-finite gradients: the finite check raises with the parameter's name
+        if value >= 1.0:
+            return None
+        self._clipped = True
+        return c
+
+    def _clip_synced_samples(self) -> None:
+        """``sync`` with per-sample clipping: one factor from the rank-averaged gradient, applied to
+        the averaged gradient and its statistic (as if every sample were scaled by it: the Price
+        statistic scales by :math:`c`, the squared gradient by :math:`c^2`)."""
+        if self.clip_grad_norm is None or self._clip_mode() != "sample":
+            return
+        grads = [g for acc in self._acc.values() for g in acc["ghat"]]
+        c = self._clip_factor(grads)
+        if c is None:
+            return
+        torch._foreach_mul_(grads, c)
+        for gi, acc in self._acc.items():
+            price = self.param_groups[gi]["hess_approx"] == "price"
+            torch._foreach_mul_(acc["stat"], c if price else c * c)
 
     @staticmethod
     def _finite_grads(draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> bool:
@@ -514,6 +578,7 @@ class IVON(Optimizer):
         self._count = 0
         self._count_out = 0
         self._acc = {}
+        self._clipped = False
 
     def _names(self, params: list[Tensor]) -> list[str]:
         lookup: dict[int, str] = {}
@@ -553,6 +618,7 @@ class IVON(Optimizer):
             if ranks.active():
                 if self.sync:  # before the finite check: a NaN on one rank must stop every rank
                     self._sync_samples(losses)
+                    self._clip_synced_samples()
                 elif not self._warned_drift:
                     self._warned_drift = True
                     warnings.warn(
@@ -563,6 +629,8 @@ class IVON(Optimizer):
                         RuntimeWarning, stacklevel=2)
             self._check_finite(losses)
             self._update()
+            if self._clipped:
+                self.counters["clipped_steps"] += 1
         finally:
             self._reset_samples()
         if not losses:
@@ -641,60 +709,73 @@ class IVON(Optimizer):
             self.state[p]["wd_checked"] = wd
 
     def _update(self) -> None:
+        """Eqs. (7)-(10) for every group, in three phases: every group's statistics (and the
+        correction hook), then the global clip of the corrected gradient (``"corrected"`` mode,
+        which needs every group's :math:`\tilde g`), then the state updates."""
+        prepared = []
         for gi, group in enumerate(self.param_groups):
             ws = self._acc.get(gi)
             if ws is None:
                 continue
-            params = ws["params"]
-            states = [self.state[p] for p in params]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1.0)
-            ess, wd = group["ess"], group["weight_decay"]
-            hess = [st["hess"] for st in states]
+            hess = [self.state[p]["hess"] for p in ws["params"]]
             price = group["hess_approx"] == "price"
             if self.parity:
                 for stat, h, s1, fe in self._parts(ws, ws["stat"], hess, ws["s1"]):
                     if price:
-                        price_hessian_(stat, h, ess, wd, scratch=s1, foreach=fe)
+                        price_hessian_(stat, h, group["ess"], group["weight_decay"], scratch=s1, foreach=fe)
                     else:
-                        gradsq_hessian_(stat, ess if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
+                        gradsq_hessian_(stat, group["ess"] if group["gradsq_scale"] == "ess" else 1.0, foreach=fe)
             else:
                 self._sigma(group, hess, ws)  # hw = h + δ with the current δ
                 if not price:  # the kernel takes ĥ/√λ, ĥ = λ·mean(g²) ("ess") or mean(g²)
-                    scale = ess if group["gradsq_scale"] == "ess" else 1.0
+                    scale = group["ess"] if group["gradsq_scale"] == "ess" else 1.0
                     for stat, fe in self._parts(ws, ws["stat"]):
-                        gradsq_hessian_(stat, scale / math.sqrt(ess), foreach=fe)
-            price = self._correct(gi, group, ws, hess, price)
-            lr = group["lr"]
-            eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
-            # parameters are bucketed by kernel and by step count t (t differs only for
-            # parameters that became trainable later); c_t is a host double (§2.1 item 5)
-            t_all = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
-            buckets: dict[tuple[float, bool], list[int]] = defaultdict(list)
-            for idx, fe in ws["parts"]:
-                for i in idx:
-                    buckets[(t_all[i], fe)].append(i)
-            means = [st.get("mean", p) for st, p in zip(states, params)]
-            momenta = [st["momentum"] for st in states]
-            for (t, fe), idx in buckets.items():
-                c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
-                pick = _picker(idx)
+                        gradsq_hessian_(stat, scale / math.sqrt(group["ess"]), foreach=fe)
+            prepared.append((gi, group, ws, hess, self._correct(gi, group, ws, hess, price)))
+        if self._clip_mode() == "corrected":  # the corrected gradient g̃, after the correction
+            grads = [g for _, _, ws, _, _ in prepared for g in ws["ghat"]]
+            c = self._clip_factor(grads)
+            if c is not None:
+                torch._foreach_mul_(grads, c)
+        for _, group, ws, hess, price in prepared:
+            self._update_group(group, ws, hess, price)
 
-                common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
-                              clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
-                if self.parity:
-                    ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
-                                 scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
-                else:
-                    shift = ws.get("prior_shift")
-                    ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
-                                      pick(ws["hw"]), pick(ws["rsqrt"]), ess=ess, price=price,
-                                      prior_shift=None if shift is None else pick(shift), **common)
-            if not self.parity:
-                ws["sigma_key"] = (wd, [h._version for h in hess])
-            for p, st in zip(params, states):
-                if "mean" in st:
-                    p.copy_(st["mean"])
+    def _update_group(self, group: dict, ws: dict, hess: list[Tensor], price: bool) -> None:
+        params = ws["params"]
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1.0)
+        ess, wd = group["ess"], group["weight_decay"]
+        lr = group["lr"]
+        eta = lr * (group["hess_init"] + wd) if group["rescale_lr"] else lr
+        # parameters are bucketed by kernel and by step count t (t differs only for
+        # parameters that became trainable later); c_t is a host double (§2.1 item 5)
+        t_all = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
+        buckets: dict[tuple[float, bool], list[int]] = defaultdict(list)
+        for idx, fe in ws["parts"]:
+            for i in idx:
+                buckets[(t_all[i], fe)].append(i)
+        means = [st.get("mean", p) for st, p in zip(states, params)]
+        momenta = [st["momentum"] for st in states]
+        for (t, fe), idx in buckets.items():
+            c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
+            pick = _picker(idx)
+
+            common = dict(eta=eta, beta1=group["beta1"], beta2=group["beta2"], weight_decay=wd,
+                          clip_radius=group["clip_radius"], bias_correction=c_t, foreach=fe)
+            if self.parity:
+                ivon_update_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
+                             scratch=(pick(ws["s1"]), pick(ws["s2"])), **common)
+            else:
+                shift = ws.get("prior_shift")
+                ivon_update_fast_(pick(means), pick(momenta), pick(hess), pick(ws["ghat"]), pick(ws["stat"]),
+                                  pick(ws["hw"]), pick(ws["rsqrt"]), ess=ess, price=price,
+                                  prior_shift=None if shift is None else pick(shift), **common)
+        if not self.parity:
+            ws["sigma_key"] = (wd, [h._version for h in hess])
+        for p, st in zip(params, states):
+            if "mean" in st:
+                p.copy_(st["mean"])
 
     # ------------------------------------------------------------------ posterior view
     def posterior(self, model: Optional[nn.Module] = None) -> DiagonalGaussian:
@@ -729,7 +810,8 @@ class IVON(Optimizer):
                                 "(a sampled context or collected gradients would be lost)")
         sd = super().state_dict()
         sd["vbpc"] = {"version": _STATE_VERSION, "mc_samples": self.mc_samples, "sync": self.sync,
-                      "parity": self.parity, "state_dtype": str(self.state_dtype).replace("torch.", "")}
+                      "parity": self.parity, "state_dtype": str(self.state_dtype).replace("torch.", ""),
+                      "clip_grad_norm": self.clip_grad_norm, "counters": dict(self.counters)}
         return sd
 
     @torch.no_grad()
@@ -782,11 +864,14 @@ class IVON(Optimizer):
             out.setdefault("wd_checked", -1.0)
             new_state[p] = out
         extra = state_dict.get("vbpc", {})
+        clip = check_clip_grad_norm(extra.get("clip_grad_norm", self.clip_grad_norm))
         # commit
         self.state = new_state
         self.param_groups = new_groups
         self.mc_samples = int(extra.get("mc_samples", new_groups[0]["mc_samples"] if new_groups else 1))
         self.sync = bool(extra.get("sync", self.sync))
+        self.clip_grad_norm = clip
+        self.counters = {**self.counters, **extra.get("counters", {})}
         self.parity = extra.get("parity", self.parity)
         if "state_dtype" in extra:
             self.state_dtype = getattr(torch, extra["state_dtype"])

@@ -57,6 +57,20 @@ class IVONPoCo(CorrectionSchedule, IVON):
     ``force_anchor_pass`` (tests), ``anchor_device`` and ``track_stats`` (keep the last
     :math:`\tilde g,\tilde h` and the in/out estimates, for tests and diagnostics).
 
+    **Gradient clipping** (``clip_grad_norm`` :math:`r`): a corrected step clips the *corrected*
+    gradient, after the correction (and the proximal term), with one global L2 norm over every
+    trainable parameter:
+
+    .. math:: \tilde g\leftarrow\min\big(1,\ r/(\lVert\tilde g\rVert_2+10^{-6})\big)\,\tilde g
+
+    :math:`\tilde h`, the anchor pass and the refresh are never clipped.  Do **not** clip inside the
+    closure: the current and the anchor pass would get different factors and :math:`\bar g_{out}`
+    is never clipped, so :math:`\hat g_{in}-\hat g_{out}+\bar g_{out}` would no longer cancel to a
+    low-variance estimate.  At :math:`\alpha_t=0` the step is IVON's and so is the clip (each
+    sample's gradient, hence its Price statistic).  Under ``sync`` the statistics are averaged over
+    ranks first, so every rank clips identically.  ``counters["clipped_steps"]`` counts the steps
+    where the factor was below 1.
+
     Usage::
 
         opt = vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=N, anchor_period=len(loader))
@@ -121,11 +135,17 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.force_anchor_pass = bool(force_anchor_pass)
         self.track_stats = bool(track_stats)
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
-        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
+        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0,
+                         "clipped_steps": 0}
         self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
         self._alpha_now = 0.0
         self._anchor_pass = False
         self._pairs = 0  # samples collected by sample() for the next step()
+
+    def _clip_mode(self) -> str:
+        """``clip_grad_norm`` clips the corrected :math:`\tilde g` when the step is corrected, and each
+        sample's gradient (IVON's rule) when :math:`\alpha_t=0`, so α=0 stays IVON bit for bit."""
+        return "corrected" if self._anchor_pass and self._alpha_now != 0.0 else "sample"
 
     def _anchor_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in self._trainable(g)]
@@ -347,7 +367,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         super().load_state_dict(state_dict)
         self.anchor.load_state_dict(extra["anchor"])
         self.t = int(extra["t"])
-        self.counters = dict(extra["counters"])
+        self.counters = {"clipped_steps": 0, **extra["counters"]}
 
 
 def IVONPoCoMo(params: Iterable[Any], lr: float, ess: float, beta1: float = 0.9, **kw: Any) -> IVONPoCo:

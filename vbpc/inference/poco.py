@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
-from ..functional import poco_correct_
+from ..functional import check_clip_grad_norm, clip_coef, poco_correct_
 from ..nn.norm import RunningStatsGuard, preserved_running_stats
 from ..posterior import perturbation
 from . import distributed as ranks
@@ -417,6 +417,11 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         anchor buffers live.  track_stats: keep the last ĝ_in, ĝ_out, g̃ (for tests/diagnostics).
         sync: under ``torch.distributed``, average ĝ_in, ĝ_out and the refresh's mega-batch means
         over ranks (per-rank noise acts as extra samples; every rank applies the same update).
+        clip_grad_norm: :math:`r`: clip the corrected gradient after the correction (and after the
+        all-reduce under ``sync``), :math:`\tilde g\leftarrow\min(1,r/(\lVert\tilde g\rVert_2+10^{-6}))\tilde g`,
+        one L2 norm over all trainable parameters; the anchor pass and the refresh are not clipped
+        (clipping inside the closure would give the two passes different factors and break the
+        correction).  ``counters["clipped_steps"]`` counts the steps where it was active.
 
     ``step(closure)``: ``closure`` zeroes gradients, computes the mean loss on one fixed batch,
     calls ``backward`` and returns the loss.  ``refresh(loss_fn, data)`` computes the anchor.
@@ -445,6 +450,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
         sync: bool = False,
+        clip_grad_norm: Optional[float] = None,
     ):
         checks = [
             ("lr", lr, lr >= 0), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
@@ -463,10 +469,12 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         self.force_anchor_pass = bool(force_anchor_pass)
         self.track_stats = bool(track_stats)
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
-        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
+        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0,
+                         "clipped_steps": 0}
         self.anchor = Anchor(self._params(), seed=anchor_seed, device=anchor_device)
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
         self.sync = bool(sync)
+        self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -557,9 +565,18 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         if alpha != 0.0:
             assert g_out is not None
             self.anchor.correct_(g_tilde, g_out, alpha)
+        clipped = False
+        if self.clip_grad_norm is not None:  # the corrected gradient, after the all-reduce
+            c = clip_coef(g_tilde, self.clip_grad_norm)
+            if not bool(torch.isfinite(c)) or float(c) == 0.0:
+                raise NonFiniteError("the corrected gradient's norm overflowed (clip_grad_norm); no state changed")
+            if float(c) < 1.0:
+                torch._foreach_mul_(g_tilde, c)
+                clipped = True
         if self.track_stats:
             self.last_stats = {"g_in": g_in, "g_out": g_out or [], "g_tilde": g_tilde}
         self._update(params, g_tilde)
+        self.counters["clipped_steps"] += int(clipped)
         self.t += 1
         self.counters["inner_passes"] += passes
         if batch_size is not None:
@@ -590,7 +607,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["vbpc"] = {"t": self.t, "counters": dict(self.counters), "anchor": self.anchor.state_dict(),
-                      "sigma": self.sigma, "alpha": self.alpha0}
+                      "sigma": self.sigma, "alpha": self.alpha0, "clip_grad_norm": self.clip_grad_norm}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -602,7 +619,7 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "vbpc"})
         self.anchor.load_state_dict(extra["anchor"])
         self.t = int(extra["t"])
-        self.counters = dict(extra["counters"])
+        self.counters = {"clipped_steps": 0, **extra["counters"]}
 
 
 class VSGD(VSGDPoCo):
