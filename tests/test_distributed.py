@@ -37,16 +37,22 @@ def _model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+CLIP = 0.3  # small enough to be active on most steps (counted in counters["clipped_steps"])
+
+
 def _learner(kind: str, model: nn.Module, sync: bool):
+    """``kind`` with a ``-clip`` suffix: the same learner with ``clip_grad_norm=CLIP``."""
+    kw = {"clip_grad_norm": CLIP} if kind.endswith("-clip") else {}
+    kind = kind.removesuffix("-clip")
     if kind == "ivon":
-        return vbpc.IVON(model.parameters(), lr=0.1, ess=32, sync=sync)
+        return vbpc.IVON(model.parameters(), lr=0.1, ess=32, sync=sync, **kw)
     if kind == "von-poco":
         return vbpc.VONPoCo(model.parameters(), lr=0.5, ess=32, weight_decay=1e-2, alpha=0.75, anchor_period=3,
                             hessian="price", sync=sync)
     if kind == "vsgd-poco":
         return vbpc.VSGDPoCo(model.parameters(), lr=0.1, sigma=0.01, weight_decay=1e-3, alpha=0.75, anchor_period=3,
-                             sync=sync)
-    return vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=32, alpha=0.75, anchor_period=3, sync=sync)
+                             sync=sync, **kw)
+    return vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=32, alpha=0.75, anchor_period=3, sync=sync, **kw)
 
 
 def _train(model, opt, x, y):
@@ -70,7 +76,8 @@ def _state(model, opt):
     hess = [opt.state[p]["hess"].clone() for p in model.parameters() if "hess" in opt.state[p]]
     if isinstance(opt, vbpc.VONPoCo):
         hess = [opt.P.clone()]
-    return {"params": [p.detach().clone() for p in model.parameters()], "hess": hess}
+    return {"params": [p.detach().clone() for p in model.parameters()], "hess": hess,
+            "clipped": getattr(opt, "counters", {}).get("clipped_steps")}
 
 
 def _worker(rank: int, port: int, kind: str, same_seed: bool, sync: bool, out: str) -> None:
@@ -95,17 +102,23 @@ def _run(tmp_path, kind, same_seed, sync):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "von-poco"])
+@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "von-poco", "poco-clip"])
 def test_ranks_hold_the_identical_posterior(tmp_path, kind):
     r0, r1 = _run(tmp_path, kind, same_seed=False, sync=True)  # per-rank samples: extra MC samples
     for a, b in zip(r0["params"] + r0["hess"], r1["params"] + r1["hess"]):
         assert torch.equal(a, b)
     assert not r0["warned"]
+    if kind.endswith("-clip"):  # the clip was active, and on the same steps of both ranks
+        assert r0["clipped"] == r1["clipped"] and r0["clipped"] >= 1
 
 
-@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco"])
+@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "ivon-clip", "vsgd-poco-clip"])
 def test_identical_samples_equal_one_process_on_the_concatenated_batch(tmp_path, kind):
-    r0, _ = _run(tmp_path, kind, same_seed=True, sync=True)
+    """With the same noise on both ranks, sync equals one process on the concatenated batch; with
+    ``clip_grad_norm`` this holds only because the norm is taken after the all-reduce (a per-rank
+    clip would scale each half by its own factor)."""
+    r0, r1 = _run(tmp_path, kind, same_seed=True, sync=True)
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"] + r0["hess"], r1["params"] + r1["hess"]))
     x, y = _data()
     model = _model()
     opt = _learner(kind, model, sync=False)
@@ -127,6 +140,9 @@ def test_identical_samples_equal_one_process_on_the_concatenated_batch(tmp_path,
     single = _state(model, opt)
     for a, b in zip(r0["params"] + r0["hess"], single["params"] + single["hess"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert r0["clipped"] == r1["clipped"] == single["clipped"]
+    if kind.endswith("-clip"):
+        assert single["clipped"] >= 1
 
 
 def test_the_drifting_configuration_is_detected(tmp_path):

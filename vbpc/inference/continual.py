@@ -380,7 +380,7 @@ class ContinualIVON(IVONPoCo):
                 gt.sub_(g_out, alpha=w_old)
                 ht.sub_(h_out, alpha=w_old)
         if snap is not None:
-            self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_t], "h_tilde": [t.clone() for t in h_t]}
+            self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_t], "h_tilde": [t.clone() for t in h_t]})
         for p, m, h, e in zip(params, means, h_t, diff):
             dv = self.state[p]["prior_delta"]
             h.add_(dv).sub_(wd)  # ĥ + Δ

@@ -311,12 +311,21 @@ class IVONPoCo(CorrectionSchedule, IVON):
         return out_draw, perturbation(targets, lambda: self._names(targets), "IVONPoCo.step (anchor)", write)
 
     # ------------------------------------------------------------------ correction hook
+    def _track(self, gi: int, stats: dict[str, list[Tensor]]) -> None:
+        """``track_stats``: keep this step's statistics of every group, in the learner's parameter
+        order (:math:`\tilde g` as corrected, before ``clip_grad_norm``)."""
+        if gi == min(self._acc) or self.last_stats is None:
+            self.last_stats = {k: list(v) for k, v in stats.items()}
+        else:
+            for k, v in stats.items():
+                self.last_stats.setdefault(k, []).extend(v)
+
     def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:
         r"""Eqs. (22)-(23) on group ``gi``: rewrite ĝ and the statistic as :math:`\tilde g` and
         :math:`\tilde h/\sqrt\lambda` (the fused kernel's non-Price input)."""
         alpha = self._alpha_now
         if not self._anchor_pass or alpha == 0.0:
-            if self.track_stats:
+            if self.track_stats and gi == min(self._acc):
                 self.last_stats = None
             return price
         o = self._offsets()[gi]
@@ -343,11 +352,11 @@ class IVONPoCo(CorrectionSchedule, IVON):
         poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if not self.correct_hessian:
             if self.track_stats:
-                self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]}
+                self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
             return price  # ws["stat"] still holds the uncorrected Price statistic
         poco_correct_(h_in, h_out, h_bar, alpha)
         if self.track_stats:
-            self.last_stats = {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]}
+            self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
         for s, h in zip(ws["stat"], h_in):  # the kernel's gradsq-style input: h̃/√λ
             torch.div(h, root, out=s)
         return False

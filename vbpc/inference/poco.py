@@ -565,6 +565,9 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         if alpha != 0.0:
             assert g_out is not None
             self.anchor.correct_(g_tilde, g_out, alpha)
+        if self.track_stats:  # g̃ as corrected, before the clip
+            keep = [g.clone() for g in g_tilde] if self.clip_grad_norm is not None else g_tilde
+            self.last_stats = {"g_in": g_in, "g_out": g_out or [], "g_tilde": keep}
         clipped = False
         if self.clip_grad_norm is not None:  # the corrected gradient, after the all-reduce
             c = clip_coef(g_tilde, self.clip_grad_norm)
@@ -573,8 +576,6 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
             if float(c) < 1.0:
                 torch._foreach_mul_(g_tilde, c)
                 clipped = True
-        if self.track_stats:
-            self.last_stats = {"g_in": g_in, "g_out": g_out or [], "g_tilde": g_tilde}
         self._update(params, g_tilde)
         self.counters["clipped_steps"] += int(clipped)
         self.t += 1
