@@ -11,12 +11,17 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 
-__all__ = ["active", "agree_finite", "mean_"]
+__all__ = ["active", "agree_finite", "mean_", "world_size"]
 
 
 def active() -> bool:
     """True inside an initialised process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 outside one)."""
+    return dist.get_world_size() if active() else 1
 
 
 def agree_finite(finite: bool) -> None:

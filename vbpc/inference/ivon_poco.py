@@ -35,11 +35,17 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
+from . import distributed as ranks
 from .ivon import IVON
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
 from .rng import capture_rng, restore_rng
 
-__all__ = ["IVONPoCo", "IVONPoCoMo"]
+__all__ = ["IVONPoCo", "IVONPoCoMo", "ALPHA_MODES", "ANCHOR_UPDATES"]
+
+#: ``"scheduled"``: one α_t for every tensor (eq. 22); ``"optimal"``: a per-tensor control-variate α
+ALPHA_MODES = ("scheduled", "optimal")
+#: ``"frozen"``: ḡ_out fixed for the period (eq. 21); ``"running"``: anchor-pass gradients folded in
+ANCHOR_UPDATES = ("frozen", "running")
 
 
 class IVONPoCo(CorrectionSchedule, IVON):
@@ -56,6 +62,33 @@ class IVONPoCo(CorrectionSchedule, IVON):
     correction :math:`z\odot(\hat g_{in}-\hat g_{out})/\sigma` grows like :math:`\|m-m_{out}\|/\sigma`),
     ``force_anchor_pass`` (tests), ``anchor_device`` and ``track_stats`` (keep the last
     :math:`\tilde g,\tilde h` and the in/out estimates, for tests and diagnostics).
+
+    **Mega-batch remedies** (the error of a mega-batch :math:`\bar g_{out}` is frozen for a whole
+    period and acts as a bias :math:`\alpha_t(\bar g_{out}-\mathbb E\hat g_{out})` on every step):
+
+    * ``alpha_mode="optimal"``: per tensor :math:`j`, the control-variate coefficient
+      :math:`\alpha^*_j=\mathrm{Cov}(\hat g_{in},\hat g_{out})/\mathrm{Var}(\hat g_{out})`, with
+      :math:`\bar g_{out}` as the mean of :math:`\hat g_{out}`, estimated online from the two passes
+      every corrected step already makes, :math:`d=\hat g_{out}-\bar g_{out}`:
+
+      .. math:: c_j\leftarrow\beta c_j+(1-\beta)\textstyle\sum\hat g_{in}\odot d,\quad
+                v_j\leftarrow\beta v_j+(1-\beta)\textstyle\sum d\odot d,\quad
+                \alpha_j=\mathrm{clip}_{[0,1]}(c_j/v_j)\cdot\alpha_t/\alpha_0
+
+      (β = ``alpha_smoothing``).  :math:`v_j` contains :math:`\lVert\bar g_{out}-\mathbb E\hat g_{out}\rVert^2`,
+      so a mega-batch error lowers :math:`\alpha_j` (the MSE-optimal coefficient).  A step uses the
+      estimate of the steps before it (its own batch never sets its own α); the first corrected step
+      uses :math:`\alpha_t`.  The Hessian and the proximal term keep :math:`\alpha_t`.
+    * ``anchor_update="running"``: after each corrected step, the anchor-pass gradient of its batch
+      (an unbiased draw of :math:`\mathbb E_{q_{out}}\nabla\bar\ell`, independent of the mega-batch)
+      is folded into :math:`\bar g_{out}` as a size-weighted mean,
+      :math:`\bar g_{out}\leftarrow\bar g_{out}+\frac{|B|}{n+|B|}(\hat g_{out}-\bar g_{out})`, so the
+      anchor mean's error shrinks like :math:`1/(|M|+k|B|)` within the period.  **Bias:** step
+      :math:`t` uses the mean of the mega-batch and of the batches *before* it, never its own, so the
+      correction stays conditionally mean-zero; its bias is :math:`\alpha_t(\bar g_{out,t}-\mathbb E\hat g_{out})`,
+      the same form as the frozen anchor's with :math:`|M|\to|M|+k|B|` examples.  :math:`\bar h_{out}` stays
+      frozen (single-draw Price estimates would bring back the variance the antithetic refresh removes).
+      Needs ``step(..., batch_size=)``.
 
     **Gradient clipping** (``clip_grad_norm`` :math:`r`): a corrected step clips the *corrected*
     gradient, after the correction (and the proximal term), with one global L2 norm over every
@@ -111,6 +144,9 @@ class IVONPoCo(CorrectionSchedule, IVON):
         force_anchor_pass: bool = False,
         anchor_device: Optional[Union[str, torch.device]] = None,
         track_stats: bool = False,
+        alpha_mode: str = "scheduled",
+        alpha_smoothing: float = 0.9,
+        anchor_update: str = "frozen",
         **ivon_kw: Any,
     ):
         if ivon_kw.get("parity"):
@@ -123,6 +159,12 @@ class IVONPoCo(CorrectionSchedule, IVON):
             raise ValueError(f"invalid refresh_mc={refresh_mc!r}: an int >= 1")
         if megabatch_size is not None and not megabatch_size >= 1:
             raise ValueError(f"invalid megabatch_size={megabatch_size!r}")
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"invalid alpha_mode={alpha_mode!r}: one of {ALPHA_MODES}")
+        if not 0.0 <= alpha_smoothing < 1.0:
+            raise ValueError(f"invalid alpha_smoothing={alpha_smoothing!r}: must be in [0, 1)")
+        if anchor_update not in ANCHOR_UPDATES:
+            raise ValueError(f"invalid anchor_update={anchor_update!r}: one of {ANCHOR_UPDATES}")
         self._init_schedule(alpha, alpha_schedule, total_steps, anchor_period, warmup_steps)
         super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples, hess_approx,
                          clip_radius, sync, debias, rescale_lr, **ivon_kw)
@@ -134,7 +176,12 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.correct_hessian = bool(correct_hessian)
         self.force_anchor_pass = bool(force_anchor_pass)
         self.track_stats = bool(track_stats)
+        self.alpha_mode = alpha_mode
+        self.alpha_smoothing = float(alpha_smoothing)
+        self.anchor_update = anchor_update
+        self._batch_now: Optional[int] = None
         self.last_stats: Optional[dict[str, list[Tensor]]] = None
+        self.last_alpha: Optional[list[Tensor]] = None  # alpha_mode="optimal" with track_stats
         self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0,
                          "clipped_steps": 0}
         self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
@@ -203,7 +250,12 @@ class IVONPoCo(CorrectionSchedule, IVON):
              batch_size: Optional[int] = None) -> Optional[Tensor]:
         """One corrected IVON step; ``closure`` is evaluated at the current and the anchor sample.
 
-        ``batch_size`` (optional) feeds ``counters["inner_examples"]`` (gradient evaluations)."""
+        ``batch_size`` (optional) feeds ``counters["inner_examples"]`` (gradient evaluations); it is
+        required with ``anchor_update="running"`` (the weight of the batch in the anchor mean)."""
+        if batch_size is None and self.anchor_update == "running":
+            raise ValueError("anchor_update='running' needs step(..., batch_size=len(batch)): the batch's weight "
+                             "in the running anchor mean")
+        self._batch_now = None if batch_size is None else int(batch_size)
         if closure is None:
             if not self._pairs:
                 raise SamplingError("IVONPoCo.step needs a closure (it evaluates the same batch twice), or "
@@ -349,7 +401,10 @@ class IVONPoCo(CorrectionSchedule, IVON):
             for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], a.mean[o:o + n]):  # type: ignore[index]
                 mean = self.state[p].get("mean", p)
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
-        poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
+        if self.alpha_mode == "optimal":
+            self._correct_optimal(ws, g_in, g_bar, alpha)
+        else:
+            poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if not self.correct_hessian:
             if self.track_stats:
                 self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
@@ -360,6 +415,60 @@ class IVONPoCo(CorrectionSchedule, IVON):
         for s, h in zip(ws["stat"], h_in):  # the kernel's gradsq-style input: h̃/√λ
             torch.div(h, root, out=s)
         return False
+
+    def _correct_optimal(self, ws: dict, g_in: list[Tensor], g_bar: list[Tensor], alpha: float) -> None:
+        r"""Eq. (22) with a per-tensor :math:`\alpha_j=\mathrm{clip}_{[0,1]}(c_j/v_j)\,\alpha_t/\alpha_0` from the
+        previous steps' running moments (no host sync), then fold this step's moments in."""
+        beta = self.alpha_smoothing
+        scale = alpha / self.alpha0
+        alphas = []
+        for p, gi, go, gb in zip(ws["params"], g_in, ws["grad_out"], g_bar):
+            st = self.state[p]
+            if "cv_cov" not in st:
+                st["cv_cov"] = torch.zeros((), dtype=torch.float64, device=gi.device)
+                st["cv_var"] = torch.zeros((), dtype=torch.float64, device=gi.device)
+            cov, var = st["cv_cov"], st["cv_var"]
+            ratio = torch.where(var > 0, cov / var.clamp(min=torch.finfo(torch.float64).tiny), 1.0).clamp(0.0, 1.0)
+            a_j = (ratio * scale).to(gi.dtype)
+            d = go - gb.to(go.device, go.dtype)
+            cov.mul_(beta).add_(torch.sum(gi * d, dtype=torch.float64), alpha=1.0 - beta)
+            var.mul_(beta).add_(torch.sum(d * d, dtype=torch.float64), alpha=1.0 - beta)
+            gi.sub_(go * a_j).add_(gb.to(gi.device, gi.dtype) * a_j)  # (ĝ_in − α ĝ_out) + α ḡ_out
+            alphas.append(a_j)
+        if self.track_stats:
+            self.last_alpha = alphas
+
+    def alpha_estimates(self) -> dict[str, float]:
+        r"""``alpha_mode="optimal"``: the current per-tensor :math:`\mathrm{clip}_{[0,1]}(c_j/v_j)` by parameter
+        name (before the schedule factor); empty before the first corrected step."""
+        out = {}
+        for g in self.param_groups:
+            for p in self._trainable(g):
+                st = self.state.get(p, {})
+                if "cv_var" in st and float(st["cv_var"]) > 0:
+                    out[self._names([p])[0]] = min(1.0, max(0.0, float(st["cv_cov"] / st["cv_var"])))
+        return out
+
+    def _update(self) -> None:
+        super()._update()
+        if self.anchor_update == "running" and self._anchor_pass and self._alpha_now != 0.0:
+            self._fold_anchor()
+
+    @torch.no_grad()
+    def _fold_anchor(self) -> None:
+        r"""``anchor_update="running"``: fold this step's anchor-pass mean into the anchor (after the step
+        used the old one), :math:`\bar g_{out}\leftarrow\bar g_{out}+\frac{|B|}{n+|B|}(\hat g_{out}-\bar g_{out})`."""
+        a = self.anchor
+        assert a.grad is not None and self._batch_now is not None
+        b = self._batch_now * (ranks.world_size() if self._synced() else 1)
+        w = b / (a.examples + b)
+        offsets = self._offsets()
+        for gi, ws in self._acc.items():
+            o = offsets[gi]
+            for i, go in enumerate(ws["grad_out"]):
+                gb = a.grad[o + i]
+                gb.add_(go.to(gb.device, gb.dtype).sub(gb), alpha=w)
+        a.examples += b
 
     # ------------------------------------------------------------------ serialization
     def state_dict(self) -> dict[str, Any]:
