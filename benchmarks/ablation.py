@@ -49,11 +49,15 @@ LM_VARIANTS: dict[str, dict[str, Any]] = {
     "independent noise": {"anchor_noise": "independent"},
     "no Hessian correction": {"correct_hessian": False},
     "proximal on": {"proximal": True},
+    "optimal α (control variate)": {"alpha_mode": "optimal"},
+    "running anchor mean": {"anchor_update": "running"},
+    "optimal α + running anchor": {"alpha_mode": "optimal", "anchor_update": "running"},
     "IVON (no correction)": {"method": "ivon"},
 }
 
 #: the IVON-PoCoMo options of the ``lm`` benchmark that the LM variants change (recorded as the default)
-LM_OPTIONS = ("alpha", "alpha_schedule", "anchor_period", "megabatch", "anchor_noise", "correct_hessian", "proximal")
+LM_OPTIONS = ("alpha", "alpha_schedule", "anchor_period", "megabatch", "anchor_noise", "correct_hessian", "proximal",
+              "clip_grad_norm")
 
 #: convex variants: name -> IVON-PoCo keyword overrides; ``megabatch``/``period``/``method`` are special
 CONVEX_VARIANTS: dict[str, dict[str, Any]] = {
@@ -67,6 +71,8 @@ CONVEX_VARIANTS: dict[str, dict[str, Any]] = {
     "independent noise": {"anchor_noise": "independent"},
     "no Hessian correction": {"correct_hessian": False},
     "proximal on": {"proximal": True},
+    "optimal α (control variate)": {"alpha_mode": "optimal"},
+    "running anchor mean": {"anchor_update": "running"},
     "IVON (no correction)": {"method": "ivon"},
 }
 
@@ -76,8 +82,10 @@ def describe_default(d: dict[str, Any]) -> str:
     a = f"{d['alpha']:g}"
     alpha = f"α0 = {a} with linear decay" if d["alpha_schedule"] == "linear" else f"α = {a} constant"
     hess = "Hessian corrected" if d["correct_hessian"] else "gradient only"
+    clip = f"gradient-norm clip {d['clip_grad_norm']:g}" if d.get("clip_grad_norm") else "no gradient clip"
     return (f"IVON-PoCoMo, {alpha}, anchor period T = {d['anchor_period']} steps, mega-batch M = {d['megabatch']} "
-            f"sequences, {d['anchor_noise']} anchor noise, {hess}, {'with' if d['proximal'] else 'no'} proximal term")
+            f"sequences, {d['anchor_noise']} anchor noise, {hess}, {'with' if d['proximal'] else 'no'} proximal term, "
+            f"{clip} (IVON: each sample; PoCoMo: the corrected gradient)")
 
 
 def lm_base(args: argparse.Namespace) -> argparse.Namespace:

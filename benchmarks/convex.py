@@ -132,7 +132,7 @@ def run_method(name: str, prob: Problem, make: Callable, epochs: int, batch: int
                 return loss
 
             try:
-                if hasattr(opt, "counters"):
+                if "inner_examples" in getattr(opt, "counters", {}):  # the corrected learners count passes
                     before = opt.counters["inner_examples"]
                     opt.step(closure, batch_size=len(idx))
                     evals += opt.counters["inner_examples"] - before

@@ -119,27 +119,50 @@ def test_speed_targets_say_by_how_much():
 def test_lm_quick_writes_results(tmp_path):
     import lm
 
-    assert lm.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert lm.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "lm.json").read_text())
-    runs = {r["method"]: r for r in report["runs"]}
-    assert set(runs) == set(lm.METHODS)
+    assert report["seeds"] == [0, 1] and set(report["selection"]) == {"adamw", "ivon", "ivon-pocomo"}
+    # PoCoMo's selection starts from IVON's selected (a, β2) and tries both mega-batch remedies
+    sel = report["selection"]
+    pocomo_cfgs = [s["config"] for s in sel["ivon-pocomo"]["scores"]]
+    assert all(c["lr"] == sel["ivon"]["best"]["lr"] for c in pocomo_cfgs)
+    assert {c.get("alpha_mode") for c in pocomo_cfgs} >= {"optimal"}
+    assert {c.get("anchor_update") for c in pocomo_cfgs} >= {"running"}
+    runs = {(r["method"], r["seed"]): r for r in report["runs"]}
+    assert {m for m, _ in runs} == set(lm.METHODS)
     b = report["settings"]["batch_size"]
-    for m in ("adamw", "ivon"):
-        assert runs[m]["final"]["grad_evals"] == runs[m]["steps"] * b  # one pass per step
-    poco, matched = runs["ivon-pocomo"], runs["ivon-pocomo-matched"]
-    assert poco["final"]["grad_evals"] > 2 * b * (poco["steps"] - report["settings"]["warmup"])  # 2 passes + refreshes
-    # the matched budget, from the optimizer's own counters: within one step of the others' evaluations
-    budget = runs["adamw"]["final"]["grad_evals"]
-    assert budget - 2 * b < matched["final"]["grad_evals"] <= budget
+    for s in (0, 1):  # paired: the same initial weights at a seed, so the same step-0 test perplexity
+        assert len({runs[(m, s)]["curve"][0]["val_ppl"] for m in lm.METHODS}) == 1
+        for m in ("adamw", "ivon"):
+            assert runs[(m, s)]["final"]["grad_evals"] == runs[(m, s)]["steps"] * b  # one pass per step
+        poco, matched = runs[("ivon-pocomo", s)], runs[("ivon-pocomo-matched", s)]
+        assert poco["final"]["grad_evals"] > 2 * b * (poco["steps"] - report["settings"]["warmup"])
+        budget = runs[("adamw", s)]["final"]["grad_evals"]
+        assert budget - 2 * b < matched["final"]["grad_evals"] <= budget
+        assert runs[("ivon", s)]["clipped_steps"] >= 1  # the in-learner clip of the GPT-2 recipe is on
     for r in report["runs"]:
         c = r["curve"][-1]
-        assert 1.0 < c["val_ppl"] < 100 and 0.0 <= c["val_ece"] <= 1.0
+        assert r["split"] == "test" and 1.0 < c["val_ppl"] < 100 and 0.0 <= c["val_ece"] <= 1.0
         assert abs(c["val_ppl"] - 2.718281828 ** c["val_loss"]) < 1e-6 * c["val_ppl"]
-    assert "val_ppl_bma" in runs["ivon"]["final"] and "val_ppl_bma" not in runs["adamw"]["final"]
+    assert "val_ppl_bma" in runs[("ivon", 0)]["final"] and "val_ppl_bma" not in runs[("adamw", 0)]["final"]
+    # paired differences: the interval is the t-interval of the per-seed differences
+    cmp = {(c["a"], c["b"]): c for c in report["summary"]["comparisons"]}
+    d = cmp[("ivon", "adamw")]["steps"]
+    want = [runs[("ivon", s)]["final"]["val_ppl"] - runs[("adamw", s)]["final"]["val_ppl"] for s in (0, 1)]
+    assert d["diffs"] == pytest.approx(want)
+    half = 12.706 * abs(want[0] - want[1]) / 2 ** 0.5 / 2 ** 0.5  # t(0.975, 1) * sd / sqrt(2)
+    assert d["hi"] - d["mean"] == pytest.approx(half, rel=1e-3)
     md = (tmp_path / "lm.md").read_text()
-    assert "| IVON-PoCoMo (equal grad. evals) |" in md
+    assert "| IVON-PoCoMo (equal grad. evals) |" in md and "**selected**" in md and "| IVON − AdamW |" in md
     for axis in ("steps", "evals", "wallclock"):
         assert (tmp_path / f"lm_{axis}.png").stat().st_size > 5000
+    # the jobs are files: a rerun finds them all and trains nothing
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "lm_runs").glob("*.json"))
+    assert lm.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "lm_runs").glob("*.json")) == before
+    # other settings refuse the stored results instead of mixing them
+    with pytest.raises(RuntimeError, match="other study settings"):
+        lm.main(["--quick", "--no-progress", "--threads", "1", "--hess-init", "0.1", "--out", str(tmp_path)])
     # --from-json rebuilds the identical table (and the figures) without retraining
     (tmp_path / "lm.md").unlink()
     (tmp_path / "lm_steps.png").unlink()
