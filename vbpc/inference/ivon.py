@@ -54,6 +54,9 @@ __all__ = ["IVON"]
 HESS_APPROX = ("price", "gradsq")
 GRADSQ_SCALE = ("ess", "none")
 _STATE_VERSION = 1
+#: per-parameter state entries that are float64 scalars, not parameter-shaped (IVON-PoCo's
+#: control-variate moments, ``alpha_mode="optimal"``)
+SCALAR_STATE = ("cv_cov", "cv_var")
 
 
 def _check_hparams(h: dict, where: str = "") -> None:
@@ -852,7 +855,12 @@ class IVON(Optimizer):
                 raise StateDictMismatchError(f"state of parameter {idx} lacks {sorted(missing)} (not an IVON state?)")
             out = {}
             for k, v in st.items():
-                if isinstance(v, Tensor) and k != "step":
+                if isinstance(v, Tensor) and k in SCALAR_STATE:  # per-tensor float64 scalars (IVON-PoCo)
+                    if v.dim() != 0:
+                        raise StateDictMismatchError(f"state {k!r} of parameter {idx} must be a scalar, "
+                                                     f"has shape {tuple(v.shape)}")
+                    out[k] = v.to(device=p.device, dtype=torch.float64, copy=True)
+                elif isinstance(v, Tensor) and k != "step":
                     if v.shape != p.shape:
                         raise StateDictMismatchError(f"state {k!r} of parameter {idx} has shape {tuple(v.shape)}, "
                                                      f"parameter has {tuple(p.shape)}")

@@ -378,7 +378,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         alpha = self._alpha_now
         if not self._anchor_pass or alpha == 0.0:
             if self.track_stats and gi == min(self._acc):
-                self.last_stats = None
+                self.last_stats = self.last_alpha = None
             return price
         o = self._offsets()[gi]
         n = len(ws["params"])
@@ -397,14 +397,14 @@ class IVONPoCo(CorrectionSchedule, IVON):
         if self.track_stats:
             snap = {"g_in": [t.clone() for t in g_in], "g_out": [t.clone() for t in ws["grad_out"]],
                     "h_in": [t.clone() for t in h_in], "h_out": [t.clone() for t in h_out]}
-        if self.proximal:  # eq. (23), before the correction consumes ĥ_out: α(h̄ − ĥ_out)⊙(m − m_out)
+        if self.alpha_mode == "optimal":
+            self._correct_optimal(gi, ws, g_in, g_bar, alpha)
+        else:
+            poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
+        if self.proximal:  # eq. (23), added to g̃ (ĥ_out is still intact): α(h̄ − ĥ_out)⊙(m − m_out)
             for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], a.mean[o:o + n]):  # type: ignore[index]
                 mean = self.state[p].get("mean", p)
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
-        if self.alpha_mode == "optimal":
-            self._correct_optimal(ws, g_in, g_bar, alpha)
-        else:
-            poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if not self.correct_hessian:
             if self.track_stats:
                 self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
@@ -416,27 +416,30 @@ class IVONPoCo(CorrectionSchedule, IVON):
             torch.div(h, root, out=s)
         return False
 
-    def _correct_optimal(self, ws: dict, g_in: list[Tensor], g_bar: list[Tensor], alpha: float) -> None:
+    def _correct_optimal(self, gi: int, ws: dict, g_in: list[Tensor], g_bar: list[Tensor], alpha: float) -> None:
         r"""Eq. (22) with a per-tensor :math:`\alpha_j=\mathrm{clip}_{[0,1]}(c_j/v_j)\,\alpha_t/\alpha_0` from the
         previous steps' running moments (no host sync), then fold this step's moments in."""
         beta = self.alpha_smoothing
         scale = alpha / self.alpha0
         alphas = []
-        for p, gi, go, gb in zip(ws["params"], g_in, ws["grad_out"], g_bar):
+        for p, g, go, gb in zip(ws["params"], g_in, ws["grad_out"], g_bar):
             st = self.state[p]
             if "cv_cov" not in st:
-                st["cv_cov"] = torch.zeros((), dtype=torch.float64, device=gi.device)
-                st["cv_var"] = torch.zeros((), dtype=torch.float64, device=gi.device)
+                st["cv_cov"] = torch.zeros((), dtype=torch.float64, device=g.device)
+                st["cv_var"] = torch.zeros((), dtype=torch.float64, device=g.device)
             cov, var = st["cv_cov"], st["cv_var"]
-            ratio = torch.where(var > 0, cov / var.clamp(min=torch.finfo(torch.float64).tiny), 1.0).clamp(0.0, 1.0)
-            a_j = (ratio * scale).to(gi.dtype)
+            ratio = (cov / var.clamp(min=torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
+            a_j = torch.where(var > 0, ratio * scale, alpha).to(g.dtype)  # no estimate yet: α_t
             d = go - gb.to(go.device, go.dtype)
-            cov.mul_(beta).add_(torch.sum(gi * d, dtype=torch.float64), alpha=1.0 - beta)
+            cov.mul_(beta).add_(torch.sum(g * d, dtype=torch.float64), alpha=1.0 - beta)
             var.mul_(beta).add_(torch.sum(d * d, dtype=torch.float64), alpha=1.0 - beta)
-            gi.sub_(go * a_j).add_(gb.to(gi.device, gi.dtype) * a_j)  # (ĝ_in − α ĝ_out) + α ḡ_out
+            g.sub_(go * a_j).add_(gb.to(g.device, g.dtype) * a_j)  # (ĝ_in − α ĝ_out) + α ḡ_out
             alphas.append(a_j)
-        if self.track_stats:
-            self.last_alpha = alphas
+        if self.track_stats:  # every group's, in the learner's parameter order
+            if gi == min(self._acc) or self.last_alpha is None:
+                self.last_alpha = alphas
+            else:
+                self.last_alpha.extend(alphas)
 
     def alpha_estimates(self) -> dict[str, float]:
         r"""``alpha_mode="optimal"``: the current per-tensor :math:`\mathrm{clip}_{[0,1]}(c_j/v_j)` by parameter
