@@ -477,7 +477,7 @@ class Jobs:
             for key, fn in jobs:
                 lock = self.dir / f"{key}.lock"
                 try:
-                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
                     continue
                 os.write(fd, str(os.getpid()).encode())
@@ -760,6 +760,30 @@ def rebuild(out: Path) -> int:
     return 0
 
 
+def progress_md(args: argparse.Namespace, jobs: Jobs) -> str:
+    """``lm.md`` while the study is incomplete: the finished selection runs and final runs, labelled as
+    such (no comparison is drawn from an incomplete set)."""
+    lines = ["**Study in progress** (`python -m benchmarks run lm` resumes it from `benchmarks/results/lm_runs/`); "
+             "no comparison is drawn until every final run and the timing calibration exist.", "",
+             f"Selection runs finished ({args.select_steps} steps, validation perplexity on {args.tune_blocks} blocks "
+             "held out of the training text):", "", "| method | configuration | seed | validation ppl |",
+             "|---|---|---:|---:|"]
+    finals = []
+    for p in sorted(jobs.dir.glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("fingerprint") != jobs.fingerprint or "final" not in r:
+            continue
+        if r["key"].startswith("select-"):
+            lines.append(f"| {LABELS[r['method']]} | {cfg_name(r['config'])} | {r['seed']} | "
+                         f"{r['final']['val_ppl']:.3f} |")
+        else:
+            finals.append(f"| {LABELS[r['method']]} | {r['seed']} | {r['steps']} | {r['final']['val_ppl']:.3f} |")
+    lines += ["", f"Final runs finished ({len(finals)} of {len(args.seeds) * len(args.methods)}; test perplexity on "
+              f"{args.eval_blocks} blocks):", "", "| method | seed | steps | test ppl |", "|---|---:|---:|---:|",
+              *finals, ""]
+    return "\n".join(lines)
+
+
 def report_from_runs(args: argparse.Namespace, jobs: Jobs) -> Optional[dict[str, Any]]:
     sel = jobs.selected()
     tim = jobs.load("timing")
@@ -811,6 +835,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
     report = report_from_runs(args, jobs)
     if report is None:
+        if args.phase == "report":  # the README shows the study's state, never a stale table
+            atomic_write_text(out / "lm.md", progress_md(args, jobs))
         return 0 if args.phase in ("report", "timing") else 1
     write_outputs(report, out)
     atomic_write_text(out / "lm.json", json.dumps(report, indent=1))
