@@ -360,6 +360,20 @@ def run_one(method: str, seed: int, args: argparse.Namespace, data: Data, split:
 
 
 # ------------------------------------------------------------------------------------------------ jobs
+def _guarded(run: Callable[[], dict[str, Any]], method: str, seed: int, cfg: dict[str, Any],
+             split: str) -> dict[str, Any]:
+    """A run, or its divergence recorded as an infinite final perplexity (a diverged configuration
+    loses the selection instead of stopping the study)."""
+    try:
+        r = run()
+    except (FloatingPointError, vbpc.errors.NonFiniteError) as e:
+        inf = float("inf")
+        r = {"method": method, "seed": seed, "split": split, "diverged": str(e), "curve": [],
+             "final": {"val_ppl": inf, "val_loss": inf, "val_ece": float("nan"), "val_acc": float("nan")}}
+    r["config"] = cfg
+    return r
+
+
 class Jobs:
     """The study as jobs whose results are files: ``select`` runs of every configuration, ``final``
     runs of each method's selected configuration, a ``timing`` calibration.  A job is claimed with
@@ -458,14 +472,12 @@ class Jobs:
     def _select_run(self, method: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         a = settings_of(self.args, cfg)
         a.eval_every = a.select_steps
-        r = run_one(method, seed, a, self.data, split="tune", steps=a.select_steps)
-        r["config"] = cfg
-        return r
+        return _guarded(lambda: run_one(method, seed, a, self.data, split="tune", steps=a.select_steps),
+                        method, seed, cfg, "tune")
 
     def _final_run(self, method: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-        r = run_one(method, seed, settings_of(self.args, cfg), self.data, split="test")
-        r["config"] = cfg
-        return r
+        return _guarded(lambda: run_one(method, seed, settings_of(self.args, cfg), self.data, split="test"),
+                        method, seed, cfg, "test")
 
     def work(self, phase: str) -> int:
         """Run jobs until none is left (or only others' claimed ones); returns the number run."""
@@ -777,7 +789,8 @@ def progress_md(args: argparse.Namespace, jobs: Jobs) -> str:
             lines.append(f"| {LABELS[r['method']]} | {cfg_name(r['config'])} | {r['seed']} | "
                          f"{r['final']['val_ppl']:.3f} |")
         else:
-            finals.append(f"| {LABELS[r['method']]} | {r['seed']} | {r['steps']} | {r['final']['val_ppl']:.3f} |")
+            finals.append(f"| {LABELS[r['method']]} | {r['seed']} | {r.get('steps', 'diverged')} | "
+                          f"{r['final']['val_ppl']:.3f} |")
     lines += ["", f"Final runs finished ({len(finals)} of {len(args.seeds) * len(args.methods)}; test perplexity on "
               f"{args.eval_blocks} blocks):", "", "| method | seed | steps | test ppl |", "|---|---:|---:|---:|",
               *finals, ""]

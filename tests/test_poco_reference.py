@@ -1,4 +1,4 @@
-r"""A float64 hand-written oracle of IVON-PoCo / IVON-PoCoMo (docs/: IVON eqs. 5-10, the
+r"""A float64 hand-written oracle of IVON-PoCo / IVON-PoCoMo (IVON eqs. 5-10, the
 posterior correction eqs. 21-23, the ``clip_grad_norm`` option of the IVON-PoCo options table).
 
 The oracle below owns its weights and shares no code with the library (nothing from
