@@ -638,13 +638,16 @@ def _ms(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
-def _ci(p: dict[str, Any]) -> str:
+def _ci(p: dict[str, Any], n: Optional[int] = None) -> str:
+    """``mean [lo, hi]`` (``*`` when the interval excludes 0); ``(k of n seeds)`` when a seed is
+    missing from the pairs (a diverged run is never averaged in silently)."""
     if not math.isfinite(p["mean"]):
         return "n/a"
+    few = f" ({p['n']} of {n} seeds)" if n is not None and p["n"] < n else ""
     if not math.isfinite(p["lo"]):
-        return f"{p['mean']:+.3f}"
+        return f"{p['mean']:+.3f}{few}"
     sig = " *" if p["lo"] > 0 or p["hi"] < 0 else ""
-    return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]{sig}"
+    return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]{sig}{few}"
 
 
 def summarize(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -687,8 +690,9 @@ def summarize(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                "wall": paired([interp(r["curve"], "model_s", t_star) for r in ra],
                               [interp(r["curve"], "model_s", t_star) for r in rb])}
         comparisons.append(res)
-        cmp_rows.append(f"| {LABELS[a]} − {LABELS[b]} | {_ci(res['steps'])} | {_ci(res['evals'])} at {g_star:,} | "
-                        f"{_ci(res['wall'])} at {t_star:.0f} s |")
+        n = len(seeds)
+        cmp_rows.append(f"| {LABELS[a]} − {LABELS[b]} | {_ci(res['steps'], n)} | {_ci(res['evals'], n)} at "
+                        f"{g_star:,} | {_ci(res['wall'], n)} at {t_star:.0f} s |")
     sel_rows = []
     for m, sel in report["selection"].items():
         for sc in sorted(sel["scores"], key=lambda s: s["mean"]):

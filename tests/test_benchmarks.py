@@ -172,6 +172,16 @@ def test_lm_quick_writes_results(tmp_path):
         lm.main(["--from-json", "--out", str(tmp_path / "nowhere")])
 
 
+def test_lm_divergence_is_recorded_not_fatal():
+    import lm
+
+    def boom():
+        raise FloatingPointError("ivon seed 0: loss nan at step 3")
+    r = lm._guarded(boom, "ivon", 0, {"lr": 200.0}, "tune")
+    assert r["final"]["val_ppl"] == float("inf") and "step 3" in r["diverged"] and r["config"] == {"lr": 200.0}
+    assert lm.paired([1.0, float("inf"), 3.0], [0.5, 1.0, 2.0])["n"] == 2  # a diverged seed is not averaged in
+
+
 def test_lm_interp_and_matched_steps():
     import argparse
 
