@@ -157,6 +157,26 @@ def pocomo_stage2(best: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**best, "alpha_mode": "optimal"}, {**best, "anchor_update": "running"}]
 
 
+#: how many times a learning-rate grid is widened when its best value sits on an edge
+MAX_WIDEN = 2
+
+
+def widen(cfgs: list[dict[str, Any]], best: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The configurations one factor-2 step beyond the grid's edge in ``key`` when the ``best``
+    configuration sits on that edge (the others of its row kept), else ``[]``."""
+    values = sorted({c[key] for c in cfgs})
+    if len(values) < 2:
+        return []
+    if best[key] == values[-1]:
+        new = values[-1] * 2
+    elif best[key] == values[0]:
+        new = values[0] / 2
+    else:
+        return []
+    rows = [c for c in cfgs if c[key] == best[key]]
+    return [{**c, key: new} for c in rows]
+
+
 def cfg_name(cfg: dict[str, Any]) -> str:
     return ",".join(f"{k}={cfg[k]:g}" if isinstance(cfg[k], float) else f"{k}={cfg[k]}" for k in sorted(cfg))
 
@@ -415,27 +435,46 @@ class Jobs:
         best = min(scores, key=lambda s: s["mean"])
         return {"best": best["config"], "scores": scores}
 
-    def stage_configs(self) -> dict[str, Optional[list[dict[str, Any]]]]:
-        """Every selection configuration known so far (PoCoMo's wait on IVON's and their stage 1)."""
+    def widened(self, method: str, cfgs: list[dict[str, Any]], key: str) -> tuple[list[dict[str, Any]], bool]:
+        """``cfgs`` widened while the best ``key`` (a learning rate) sits on the grid's edge (at most
+        :data:`MAX_WIDEN` times, by a factor 2 each); ``(configurations, final)``.  The same rule for
+        every method's learning rate."""
+        cfgs = list(cfgs)
+        for i in range(MAX_WIDEN + 1):
+            sel = self.selection(method, cfgs)
+            if sel is None:
+                return cfgs, False
+            extra = widen(cfgs, sel["best"], key) if i < MAX_WIDEN else []
+            if not extra:
+                return cfgs, True
+            cfgs += extra
+        return cfgs, True
+
+    def stage_configs(self) -> dict[str, tuple[Optional[list[dict[str, Any]]], bool]]:
+        """Every selection configuration known so far, with whether the method's selection is final
+        (PoCoMo's wait on IVON's final selection and on their own stage 1)."""
         g = grids(self.args)
-        out: dict[str, Optional[list[dict[str, Any]]]] = {"adamw": g["adamw"], "ivon": g["ivon"]}
-        ivon = self.selection("ivon", g["ivon"])
-        if ivon is None:
-            out["ivon-pocomo"] = None
+        out: dict[str, tuple[Optional[list[dict[str, Any]]], bool]] = {
+            "adamw": self.widened("adamw", g["adamw"], "adamw_lr"), "ivon": self.widened("ivon", g["ivon"], "lr")}
+        ivon_cfgs, ivon_final = out["ivon"]
+        if not ivon_final:
+            out["ivon-pocomo"] = (None, False)
             return out
-        stage1 = [{**ivon["best"], **c} for c in g["ivon-pocomo"]]
+        best = self.selection("ivon", ivon_cfgs)["best"]  # type: ignore[arg-type,index]
+        stage1 = [{**best, **c} for c in g["ivon-pocomo"]]
         s1 = self.selection("ivon-pocomo", stage1)
-        out["ivon-pocomo"] = stage1 if s1 is None else stage1 + pocomo_stage2(s1["best"])
+        if s1 is None:
+            out["ivon-pocomo"] = (stage1, False)
+        else:
+            every = stage1 + pocomo_stage2(s1["best"])
+            out["ivon-pocomo"] = (every, self.selection("ivon-pocomo", every) is not None)
         return out
 
     def selected(self) -> Optional[dict[str, dict[str, Any]]]:
         cfgs = self.stage_configs()
-        if cfgs["ivon-pocomo"] is None or len(cfgs["ivon-pocomo"]) == len(grids(self.args)["ivon-pocomo"]):
+        if not all(final for _, final in cfgs.values()):
             return None
-        sel = {m: self.selection(m, c) for m, c in cfgs.items()}  # type: ignore[arg-type]
-        if any(v is None for v in sel.values()):
-            return None
-        return sel  # type: ignore[return-value]
+        return {m: self.selection(m, c) for m, (c, _) in cfgs.items()}  # type: ignore[misc,arg-type]
 
     def pending(self, phase: str) -> tuple[list[tuple[str, Callable[[], dict[str, Any]]]], bool]:
         """``(runnable jobs, more will become runnable)`` for ``phase``."""
@@ -443,7 +482,7 @@ class Jobs:
         waiting = False
         a = self.args
         if phase in ("select", "all"):
-            for method, cfgs in self.stage_configs().items():
+            for method, (cfgs, _) in self.stage_configs().items():
                 if cfgs is None:
                     waiting = True
                     continue

@@ -182,6 +182,17 @@ def test_lm_divergence_is_recorded_not_fatal():
     assert lm.paired([1.0, float("inf"), 3.0], [0.5, 1.0, 2.0])["n"] == 2  # a diverged seed is not averaged in
 
 
+def test_lm_grid_is_widened_when_the_best_sits_on_an_edge():
+    import lm
+
+    cfgs = [{"lr": lr, "beta2": b} for lr in (50.0, 100.0, 200.0) for b in (0.999, 0.99999)]
+    assert lm.widen(cfgs, {"lr": 200.0, "beta2": 0.999}, "lr") == [{"lr": 400.0, "beta2": 0.999},
+                                                                   {"lr": 400.0, "beta2": 0.99999}]
+    assert lm.widen(cfgs, {"lr": 50.0, "beta2": 0.99999}, "lr")[0]["lr"] == 25.0
+    assert lm.widen(cfgs, {"lr": 100.0, "beta2": 0.999}, "lr") == []  # interior: the grid brackets it
+    assert lm.widen(cfgs[:2], {"lr": 50.0, "beta2": 0.999}, "lr") == []  # one value: no edge to speak of
+
+
 def test_lm_interp_and_matched_steps():
     import argparse
 
