@@ -25,6 +25,9 @@ scored on ``--eval-blocks`` (256) fixed blocks of the test text, never used for 
 * ``ivon-pocomo-matched``: the selected PoCoMo with its step budget cut so that its gradient
   evaluations (inner passes + refreshes) do not exceed IVON's (its own full schedule).
 
+A learning-rate grid whose best value sits on an edge is widened by a factor 2, up to
+:data:`MAX_WIDEN` times, by the same rule for AdamW and IVON (:func:`widen`).
+
 **Final runs.**  ``--steps`` (1600) steps for each method at each of ``--seeds`` (0-4): at a given
 seed every method starts from the same initial weights and sees the same batches (paired).
 
