@@ -161,7 +161,7 @@ def pocomo_stage2(best: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 #: how many times a learning-rate grid is widened when its best value sits on an edge
-MAX_WIDEN = 2
+MAX_WIDEN = 4
 
 
 def widen(cfgs: list[dict[str, Any]], best: dict[str, Any], key: str) -> list[dict[str, Any]]:
