@@ -4,8 +4,10 @@ Options (ALGORITHMS.md §6.2): α schedule (constant vs linear decay), anchor pe
 size M, shared vs independent anchor noise (§6.3), Hessian correction on/off (eq. 22 for h̃) and
 the proximal term on/off (eq. 23).  Plain IVON (no correction) is the reference row.
 
-* **LM**: the ``lm`` benchmark's char GPT-mini and IVON-PoCoMo settings (α0 = 0.75 linear, T = 100,
-  M = 512 sequences, shared noise, Hessian corrected, no proximal term), ``--lm-steps`` steps,
+* **LM**: the ``lm`` benchmark's char GPT-mini and the IVON-PoCoMo configuration its study selected
+  on the validation split (``--lm-defaults selected``; ``fixed``: α0 = 0.75 linear, T = 100, a = 100,
+  β2 = 0.999), M = 512 sequences, shared noise, Hessian corrected, no proximal term, gradient-norm
+  clip 1.0; the rows add the mega-batch remedies (optimal α, running anchor mean); ``--lm-steps`` steps,
   ``--lm-seeds``; validation perplexity and token ECE at the posterior mean, and gradient
   evaluations.  The seed-to-seed std of the ``lm`` benchmark is the noise level to compare
   differences against.
@@ -57,7 +59,7 @@ LM_VARIANTS: dict[str, dict[str, Any]] = {
 
 #: the IVON-PoCoMo options of the ``lm`` benchmark that the LM variants change (recorded as the default)
 LM_OPTIONS = ("alpha", "alpha_schedule", "anchor_period", "megabatch", "anchor_noise", "correct_hessian", "proximal",
-              "clip_grad_norm")
+              "clip_grad_norm", "lr", "beta2", "alpha_mode", "anchor_update")
 
 #: convex variants: name -> IVON-PoCo keyword overrides; ``megabatch``/``period``/``method`` are special
 CONVEX_VARIANTS: dict[str, dict[str, Any]] = {
@@ -83,17 +85,41 @@ def describe_default(d: dict[str, Any]) -> str:
     alpha = f"α0 = {a} with linear decay" if d["alpha_schedule"] == "linear" else f"α = {a} constant"
     hess = "Hessian corrected" if d["correct_hessian"] else "gradient only"
     clip = f"gradient-norm clip {d['clip_grad_norm']:g}" if d.get("clip_grad_norm") else "no gradient clip"
-    return (f"IVON-PoCoMo, {alpha}, anchor period T = {d['anchor_period']} steps, mega-batch M = {d['megabatch']} "
+    remedies = [r for r in (d.get("alpha_mode") == "optimal" and "optimal α",
+                            d.get("anchor_update") == "running" and "running anchor mean") if r]
+    lr = f"IVON a = {d['lr']:g}, β2 = {d['beta2']:g}; " if "lr" in d else ""
+    return (lr + f"IVON-PoCoMo, {alpha}, anchor period T = {d['anchor_period']} steps, mega-batch M = {d['megabatch']} "
             f"sequences, {d['anchor_noise']} anchor noise, {hess}, {'with' if d['proximal'] else 'no'} proximal term, "
-            f"{clip} (IVON: each sample; PoCoMo: the corrected gradient)")
+            f"{clip} (IVON: each sample; PoCoMo: the corrected gradient)"
+            + (f", {' and '.join(remedies)}" if remedies else ""))
+
+
+def lm_selected(out: str) -> Optional[dict[str, Any]]:
+    """IVON-PoCoMo's configuration selected by the ``lm`` study on its validation split (learning
+    rate, β2, α0, T and any remedy), or ``None`` while that selection is incomplete."""
+    study = lm.add_arguments(argparse.ArgumentParser()).parse_args(["--out", out])
+    if not (Path(out) / "lm_runs").is_dir():
+        return None
+    sel = lm.Jobs(study).selected()
+    return None if sel is None else dict(sel["ivon-pocomo"]["best"])
 
 
 def lm_base(args: argparse.Namespace) -> argparse.Namespace:
-    """The ``lm`` benchmark's settings every LM variant starts from."""
+    """The ``lm`` benchmark's settings every LM variant starts from: the study's selected IVON-PoCoMo
+    configuration when its selection is complete (``--lm-defaults selected``), else the fixed
+    defaults of ``benchmarks/lm.py``."""
     base = lm.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--steps", str(args.lm_steps), "--out", args.out, "--no-progress", "--test-samples", "0",
          "--eval-every", str(max(1, args.lm_steps // 8)), "--threads", str(args.threads)])
-    return lm.quick(base) if args.quick else base
+    if args.quick:
+        return lm.quick(base)
+    if args.lm_defaults == "selected":
+        chosen = lm_selected(args.out)
+        if chosen is None:
+            print("ablation: the lm study's selection is incomplete; using the fixed lm defaults", flush=True)
+        else:
+            base = lm.settings_of(base, chosen)
+    return base
 
 
 def run_lm(args: argparse.Namespace, base: argparse.Namespace) -> list[dict[str, Any]]:
@@ -242,6 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--convex-epochs", type=int, default=10)
     ap.add_argument("--convex-seeds", type=int, default=3)
     ap.add_argument("--skip-lm", action="store_true")
+    ap.add_argument("--lm-defaults", default="selected", choices=["selected", "fixed"],
+                    help="the LM default: the lm study's selected IVON-PoCoMo (when complete) or lm.py's defaults")
     ap.add_argument("--skip-convex", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
