@@ -66,10 +66,11 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
                                     "--methods", "ivon", "--no-progress", "--out", f"{QUICK}/finetune"],
                  ["--config", "examples/configs/finetune_minilm.yaml", "--out", "benchmarks/results/finetune_minilm"],
                  "MiniLM finetuning table"),
-    "lm": (_module("lm"), ["--quick", "--out", QUICK], [],
-           "char GPT-mini on Shakespeare: AdamW, IVON, IVON-PoCoMo x 3 seeds at equal steps/evals/wall clock"),
+    "lm": (_module("lm"), ["--quick", "--out", QUICK], ["--workers", "2", "--no-progress"],
+           "char GPT-mini on Shakespeare: AdamW, IVON, IVON-PoCoMo tuned on a validation split, 5 paired seeds, "
+           "paired differences at equal steps/evals/wall clock (resumable)"),
     "ablation": (_module("ablation"), ["--quick", "--out", QUICK], [],
-                 "IVON-PoCo(Mo) options one at a time, on the LM and the convex task"),
+                 "IVON-PoCo(Mo) options one at a time (mega-batch remedies included), on the LM and the convex task"),
     "gpu": (_module("gpu_check"), [], [], "CUDA/bf16 checks and GPU timings (exits cleanly without CUDA)"),
 }
 
