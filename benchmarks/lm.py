@@ -837,6 +837,13 @@ def progress_md(args: argparse.Namespace, jobs: Jobs) -> str:
         else:
             finals.append(f"| {LABELS[r['method']]} | {r['seed']} | {r.get('steps', 'diverged')} | "
                           f"{r['final']['val_ppl']:.3f} |")
+    sel = jobs.selected()
+    if sel is not None:
+        lines += ["", "Selected (lowest mean validation perplexity; the final runs use these):", "",
+                  "| method | configuration | validation ppl |", "|---|---|---:|"]
+        for m, v in sel.items():
+            best = next(sc for sc in v["scores"] if sc["config"] == v["best"])
+            lines.append(f"| {LABELS[m]} | {cfg_name(v['best'])} | {_ms(best['val_ppl'])} |")
     lines += ["", f"Final runs finished ({len(finals)} of {len(args.seeds) * len(args.methods)}; test perplexity on "
               f"{args.eval_blocks} blocks):", "", "| method | seed | steps | test ppl |", "|---|---:|---:|---:|",
               *finals, ""]
