@@ -128,8 +128,8 @@ class ContinualIVON(IVONPoCo):
         model: Optional[nn.Module] = None,
         **kw: Any,
     ):
-        for bad in ("alpha", "alpha_schedule", "anchor_period", "warmup_steps", "megabatch_size", "proximal", "alpha_mode",
-                    "anchor_update"):
+        for bad in ("alpha", "alpha_schedule", "anchor_period", "warmup_steps", "megabatch_size", "proximal",
+                    "alpha_mode", "anchor_update"):
             if bad in kw:
                 raise TypeError(f"ContinualIVON does not take {bad!r}: the anchor is the prior (α=1, eq. 29)")
         if not isinstance(prior, DiagonalGaussian):
