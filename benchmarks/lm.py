@@ -880,6 +880,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             while flag in child:
                 i = child.index(flag)
                 del child[i:i + 2]
+        for lock in jobs.dir.glob("*.lock"):  # this run owns the job folder: locks of a killed run are stale
+            lock.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen([sys.executable, __file__, *child, "--workers", "1", "--threads", "1",
                                    "--phase", "select" if args.phase == "all" else args.phase], env=env)
