@@ -302,9 +302,13 @@ def test_22_configs_unknown_key_and_type(tmp_path):
 def test_23_cli_reports_a_config_error(tmp_path, capsys):
     from vbpc.cli import main
 
-    with pytest.raises(ConfigError, match="unknown config key 'tasks.epoch'"):
-        main(["continual", "--set", "tasks.epoch=2", "--set", f"out={tmp_path}"])
+    assert main(["continual", "--set", "tasks.epoch=2", "--set", f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("vbpc: error: unknown config key 'tasks.epoch'; did you mean 'tasks.epochs'? "
+                   "(vbpc continual)\n")  # one line, no traceback
     assert not any(tmp_path.iterdir())  # nothing written
+    with pytest.raises(ConfigError, match="unknown config key 'tasks.epoch'"):  # --debug: the exception itself
+        main(["continual", "--set", "tasks.epoch=2", "--set", f"out={tmp_path}", "--debug"])
 
 
 def test_24_empty_dataset_for_prediction():

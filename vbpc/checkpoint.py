@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import CorruptCheckpointError, StateDictMismatchError
-from .io import atomic_path
+from .io import atomic_path, check_regular_file
 from .posterior import GaussianPosterior
 
 __all__ = ["Checkpoint", "FORMAT", "flatten_state", "load", "save", "unflatten_state"]
@@ -59,19 +59,47 @@ def flatten_state(state: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     raise TypeError(f"{prefix}: cannot serialise a {type(state).__name__} in a safetensors checkpoint")
 
 
-def unflatten_state(skeleton: Any, tensors: Mapping[str, Tensor]) -> Any:
-    """Inverse of :func:`flatten_state`."""
-    if isinstance(skeleton, dict):
-        if _TENSOR in skeleton:
-            return tensors[skeleton[_TENSOR]]
-        if "__dict__" in skeleton:
-            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
-        if "__list__" in skeleton:
-            items = [unflatten_state(v, tensors) for v in skeleton["__list__"]]
-            return tuple(items) if skeleton.get("tuple") else items
-        if "__dtype__" in skeleton:
-            return getattr(torch, skeleton["__dtype__"])
-    return skeleton
+#: deepest nesting of a stored state (optimizer states are ~6 levels deep)
+MAX_DEPTH = 64
+
+
+def _dtype(name: Any) -> torch.dtype:
+    """The ``torch.dtype`` called ``name``; anything else (``"nn"``, ``"load"``) is refused."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"unknown dtype {name!r} in the checkpoint header")
+    return dtype
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, Tensor], _depth: int = 0) -> Any:
+    """Inverse of :func:`flatten_state`.  A malformed skeleton (a crafted header: unknown tensor
+    names, non-pair dict entries, a non-dtype ``__dtype__``, nesting deeper than :data:`MAX_DEPTH`)
+    raises :class:`~vbpc.errors.CorruptCheckpointError`."""
+    if _depth > MAX_DEPTH:
+        raise CorruptCheckpointError(f"checkpoint header nested deeper than {MAX_DEPTH} levels")
+    if isinstance(skeleton, list):  # plain JSON lists are values (e.g. a scheduler's base_lrs)
+        return [unflatten_state(v, tensors, _depth + 1) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if _TENSOR in skeleton:
+        name = skeleton[_TENSOR]
+        if not isinstance(name, str) or name not in tensors:
+            raise CorruptCheckpointError(f"the checkpoint header names a tensor {name!r} the file does not hold")
+        return tensors[name]
+    if "__dict__" in skeleton:
+        items = skeleton["__dict__"]
+        if not isinstance(items, list) or not all(isinstance(kv, list) and len(kv) == 2 and
+                                                   isinstance(kv[0], (str, int)) for kv in items):
+            raise CorruptCheckpointError("malformed '__dict__' entry in the checkpoint header")
+        return {k: unflatten_state(v, tensors, _depth + 1) for k, v in items}
+    if "__list__" in skeleton:
+        if not isinstance(skeleton["__list__"], list):
+            raise CorruptCheckpointError("malformed '__list__' entry in the checkpoint header")
+        out = [unflatten_state(v, tensors, _depth + 1) for v in skeleton["__list__"]]
+        return tuple(out) if skeleton.get("tuple") else out
+    if "__dtype__" in skeleton:
+        return _dtype(skeleton["__dtype__"])
+    return {k: unflatten_state(v, tensors, _depth + 1) for k, v in skeleton.items()}
 
 
 def _check_fits(path: PathLike, model: nn.Module, weights: Mapping[str, Tensor], strict: bool) -> None:
@@ -134,8 +162,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
     the model.  Raises :class:`~vbpc.errors.CorruptCheckpointError` for a truncated or corrupt file,
     ``ValueError`` for a file that is not a vbpc checkpoint and
     :class:`~vbpc.errors.StateDictMismatchError` when the weights do not fit the model."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+    check_regular_file(path, "checkpoint")  # a FIFO would block the read forever; a directory is not one
     try:
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
@@ -146,26 +173,48 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
         raise ValueError(f"{path}: not a vbpc checkpoint (no 'vbpc' metadata; written by vbpc.checkpoint.save?)")
     try:
         skeleton = json.loads(meta["vbpc"])
-    except json.JSONDecodeError as exc:
-        raise CorruptCheckpointError(f"{path}: corrupt vbpc header: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path}: corrupt vbpc header: {type(exc).__name__}") from None
+    if not isinstance(skeleton, dict):
+        raise CorruptCheckpointError(f"{path}: corrupt vbpc header (a JSON {type(skeleton).__name__}, not an object)")
     if skeleton.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {skeleton.get('format')!r}; expected {FORMAT!r}")
-    spec = skeleton.get("spec")
+    try:
+        parts = {k: None if skeleton.get(k) is None else unflatten_state(skeleton[k], tensors)
+                 for k in ("model", "posterior", "state", "prior")}
+        spec, extra = _spec(skeleton.get("spec")), skeleton.get("extra", {})
+        if not isinstance(parts["model"], dict) or not isinstance(extra, dict):
+            raise CorruptCheckpointError("the model weights and 'extra' must be mappings")
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc}") from None
     if model is None:
         if spec is None:
             raise ValueError(f"{path}: the checkpoint has no model spec; pass the model to load into")
         from .models import build_model
 
-        model = build_model(spec["name"], **spec.get("kwargs", {}))
+        model = build_model(spec["name"], **spec["kwargs"])
     model = model.to(device)
-    weights = unflatten_state(skeleton["model"], tensors)
+    weights = parts["model"]
     _check_fits(path, model, weights, strict)  # before any write: a mismatch leaves the model untouched
+    try:
+        posterior = None if parts["posterior"] is None else GaussianPosterior.from_state_dict(parts["posterior"], model)
+        prior = None if parts["prior"] is None else GaussianPosterior.from_state_dict(parts["prior"])
+    except (KeyError, TypeError, AttributeError) as exc:  # a crafted posterior section
+        raise CorruptCheckpointError(f"{path}: malformed posterior state ({type(exc).__name__}: {exc})") from None
     model.load_state_dict(weights, strict=strict)
-    posterior = None
-    if skeleton.get("posterior") is not None:
-        posterior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["posterior"], tensors), model)
-    state = unflatten_state(skeleton["state"], tensors) if skeleton.get("state") is not None else {}
-    prior = None
-    if skeleton.get("prior") is not None:
-        prior = GaussianPosterior.from_state_dict(unflatten_state(skeleton["prior"], tensors))
-    return Checkpoint(model, posterior, spec, skeleton.get("extra", {}), state, prior)
+    return Checkpoint(model, posterior, spec, extra, parts["state"] or {}, prior)
+
+
+def _spec(spec: Any) -> Optional[dict[str, Any]]:
+    """A stored model spec checked: ``{"name": str, "kwargs": dict}``.  It never names weights to
+    download or load: the checkpoint holds the weights (a ``weights`` entry is refused)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
+            or not isinstance(spec.get("kwargs", {}), dict):
+        raise CorruptCheckpointError(f"malformed model spec {spec!r}: expected {{'name': str, 'kwargs': dict}}")
+    kwargs = dict(spec.get("kwargs", {}))
+    if kwargs.get("weights") is not None:
+        raise CorruptCheckpointError("the model spec names pretrained weights; a checkpoint holds its weights "
+                                     "and loading it never downloads or unpickles any")
+    return {"name": spec["name"], "kwargs": kwargs}

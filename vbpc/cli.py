@@ -157,12 +157,12 @@ def _merge(args: argparse.Namespace) -> int:
 
     base = checkpoint.load(args.base)
     if base.posterior is None:
-        raise SystemExit(f"vbpc merge: {args.base} holds no posterior (the common prior of the tasks)")
+        raise ValueError(f"{args.base} holds no posterior (the common prior of the tasks)")
     tuned = []
     for path in args.finetuned:
         ck = checkpoint.load(path, None if base.spec is not None else base.model)
         if ck.posterior is None:
-            raise SystemExit(f"vbpc merge: {path} holds no posterior")
+            raise ValueError(f"{path} holds no posterior")
         tuned.append(ck.posterior)
     merged = merge_posteriors(base.posterior, tuned, weights=args.weights)  # type: ignore[arg-type]
     model = base.model
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vbpc",
                                  description="Variational Bayesian deep learning with posterior correction.")
     ap.add_argument("--version", action="version", version=f"vbpc {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and installed offline data")
     p.set_defaults(func=_info)
@@ -248,13 +249,64 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _where(exc: BaseException, args: argparse.Namespace) -> str:
+    """Where an error happened: the file an ``OSError`` names, else the command and its input file."""
+    name = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and name:
+        return str(name)
+    inputs = [str(getattr(args, k)) for k in ("config", "checkpoint", "base") if getattr(args, k, None)]
+    return " ".join(["vbpc", args.command, *inputs])
+
+
+def _message(exc: BaseException) -> str:
+    """The exception's message on one line (``OSError``: its strerror without the repeated path)."""
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, FileExistsError):
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:  # KeyError quotes its message
+        text = str(exc.args[0])
+    return " ".join(text.split())
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors the CLI reports as one line (bad input, a bad file, a refused request): vbpc's own
+    errors, the config's, and the ``ValueError``/``OSError`` family every validation raises."""
+    from .errors import NonFiniteError, SamplingError
+
+    return (ValueError, OSError, NonFiniteError, SamplingError, ImportError, TypeError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line.  An error from bad input prints ``vbpc: error: <what> (<where>)`` and
+    exits 2; an unexpected exception prints one line that points to ``--debug`` and exits 1;
+    ``--debug`` (anywhere on the line) lets the traceback through."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("vbpc: interrupted", file=sys.stderr)
+        return 130
+    except expected_errors() as exc:
+        if debug:
+            raise
+        print(f"vbpc: error: {_message(exc)} ({_where(exc, args)})", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"vbpc: error: unexpected {type(exc).__name__}: {_message(exc)} ({_where(exc, args)}); "
+              "rerun with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

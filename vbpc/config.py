@@ -1,7 +1,9 @@
 """Typed run configurations: YAML files plus ``--set key=value`` overrides, validated strictly.
 
-An unknown key gets an error that suggests the nearest valid one; a value of the wrong type gets an
-error naming the key, the expected type and the value.  ``TrainConfig`` is what ``vbpc train``
+An unknown key gets an error that suggests the nearest valid one; a value of the wrong type or out of
+its range (a zero batch size, an infinite learning rate, a data root that does not exist) gets an
+error naming the key, what it expects and the value.  YAML is read strictly: a key given twice is an
+error, and ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string).  Path values expand ``~``.  ``TrainConfig`` is what ``vbpc train``
 runs (see ``examples/configs/*.yaml``)::
 
     cfg = load_config("examples/configs/fmnist_ivon.yaml", ["learner.lr=0.3", "schedule.epochs=1"])
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,13 +24,53 @@ from typing import Any, Optional, Union
 import yaml
 
 __all__ = ["ConfigError", "TrainConfig", "ContinualConfig", "TasksConfig", "MergeConfig", "from_dict", "load_config",
-           "to_dict"]
+           "to_dict", "safe_load_yaml"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class ConfigError(ValueError):
-    """A configuration that names an unknown key or holds a value of the wrong type."""
+    """A configuration that names an unknown key or holds a value of the wrong type or range."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads ``1e-3``/``1E5`` as floats (YAML 1.2)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: let PyYAML report it
+                dup = False
+            if dup:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"duplicate key {key!r} (line {line}; first at line {seen[key]})")
+            try:
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def safe_load_yaml(text: Any) -> Any:
+    """Parse YAML text (or a stream) safely and strictly: no Python tags, no duplicate keys, and
+    ``1e-3`` read as a number.  Syntax errors become :class:`ConfigError`."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 @dataclass
@@ -179,6 +223,99 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------------- value ranges
+Check = Any  # (value, key) -> value (possibly normalised); raises ConfigError
+
+
+def _positive(value: Any, key: str) -> Any:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be > 0{' and finite' if isinstance(value, float) else ''}, got {value!r}")
+    return value
+
+
+def _nonneg(value: Any, key: str) -> Any:
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be >= 0{' and finite' if isinstance(value, float) else ''}, got {value!r}")
+    return value
+
+
+def _unit(value: Any, key: str) -> Any:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _path(value: Any, key: str) -> Any:
+    """``~`` expanded (``run.out=~/x`` means the home directory, not a folder named ``~``)."""
+    return None if value is None else os.path.expanduser(value)
+
+
+def _existing_dir(value: Any, key: str) -> Any:
+    value = _path(value, key)
+    if value is not None and not os.path.isdir(value):
+        raise ConfigError(f"{key}: directory {value!r} does not exist (omit it to use the installed data)")
+    return value
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}{hint}")
+        return value
+    return check
+
+
+def _each(check: Check) -> Check:
+    def each(value: Any, key: str) -> Any:
+        if not value:
+            raise ConfigError(f"{key} must not be empty")
+        if len(set(map(repr, value))) != len(value):
+            raise ConfigError(f"{key} lists a value twice: {value!r}")
+        return [check(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return each
+
+
+def _seed(value: Any, key: str) -> Any:
+    if not 0 <= value < 2**63:
+        raise ConfigError(f"{key} must be in [0, 2**63), got {value!r}")
+    return value
+
+
+#: the learners ``vbpc train`` builds (``vbpc.workflows.train.LEARNERS``)
+TRAIN_LEARNERS = ("adamw", "sgd", "ivon", "ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg", "bbb")
+
+
+def _checks() -> dict[Any, dict[str, Check]]:
+    """Per config class: field -> range check (applied to given values and to defaults alike)."""
+    return {
+        ModelConfig: {"name": _nonempty},
+        DataConfig: {"name": _nonempty, "batch_size": _positive, "train_size": _positive,
+                     "test_batch_size": _positive, "root": _existing_dir},
+        LearnerConfig: {"lr": _positive, "weight_decay": _nonneg},
+        ScheduleConfig: {"epochs": _positive, "scheduler": _one_of("cosine", "constant"), "warmup_steps": _nonneg},
+        AnchorConfig: {"period": _positive, "megabatch_size": _positive, "alpha": _unit},
+        EvalConfig: {"test_samples": _nonneg},
+        RunConfig: {"seed": _seed, "out": _path, "checkpoint_every": _positive, "log_every": _positive,
+                    "max_steps": _positive},
+        TrainConfig: {},
+        TasksConfig: {"scenario": _one_of("split", "permuted"), "n_tasks": _positive, "train_size": _positive,
+                      "test_size": _positive, "batch_size": _positive, "epochs": _positive,
+                      "memory_per_task": _nonneg, "memory_batch_size": _positive, "memory_weight": _positive,
+                      "ess": _one_of("task", "all"), "memory_curvature_mc": _positive, "root": _existing_dir},
+        ContinualConfig: {"methods": _each(_one_of("naive", "vcl", "poco", "adamw")), "adamw_lr": _positive,
+                          "seeds": _each(_seed), "test_samples": _nonneg, "out": _path},
+        MergeConfig: {"base_size": _positive, "base_epochs": _positive, "seeds": _each(_seed), "out": _path},
+    }
+
+
+def _nonempty(value: Any, key: str) -> Any:
+    if not value.strip():
+        raise ConfigError(f"{key} must not be empty")
+    return value
+
+
 def _fields(cls: Any) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -212,7 +349,20 @@ def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: st
         tp = fields[key]
         kwargs[key] = (from_dict(value, tp, full + ".", root) if dataclasses.is_dataclass(tp)
                        else _coerce(value, tp, full))
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    for name, check in _checks().get(cls, {}).items():
+        setattr(cfg, name, check(getattr(cfg, name), f"{prefix}{name}"))
+    if cls is TrainConfig:
+        _check_train(cfg)
+    return cfg
+
+
+def _check_train(cfg: "TrainConfig") -> None:
+    """Cross-field checks of a :class:`TrainConfig`."""
+    _one_of(*TRAIN_LEARNERS)(cfg.learner.name, "learner.name")
+    if cfg.data.name.partition(":")[0] == "digits":
+        raise ConfigError("data.name: 'digits' has a single split of 1,797 images (vbpc's OOD set); training on it "
+                          "would test on the training images. Train on fashion_mnist, mnist or cifar10")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -230,6 +380,29 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _read_yaml_file(path: PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; anything else (a directory, a binary file, a list, bad
+    YAML) is a :class:`ConfigError` naming the file."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f"config {path!r} is not a file" if os.path.exists(path) else
+                          f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path!r} is not a UTF-8 text file (a binary file?)") from None
+    if "\x00" in text:
+        raise ConfigError(f"config {path!r} is not a text file (it holds NUL bytes)")
+    try:
+        tree = safe_load_yaml(text) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the config must be a mapping at the top level, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] = None, cls: Any = None) -> Any:
     """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides (values are
     parsed as YAML: ``learner.lr=0.3``, ``model.kwargs={hidden: [64]}``, ``eval.ood=null``).
@@ -238,15 +411,12 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] 
     commands pass theirs)."""
     tree: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the config must be a mapping at the top level")
+        tree = _read_yaml_file(path)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        _set(tree, key.strip(), safe_load_yaml(raw))
     return from_dict(tree, TrainConfig if cls is None else cls)
 
 

@@ -1,17 +1,37 @@
-"""Atomic file writes: readers never see a partial file (ALGORITHMS.md / README: "write files atomically")."""
+"""Atomic file writes: readers never see a partial file, and the file's mode follows the umask
+(``0o666 & ~umask``, as ``open(path, "w")`` would give)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_regular_file", "current_umask"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where ``/proc`` allows, else set and restored
+    under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -28,12 +48,31 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a plain open() would honour the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_regular_file(path: PathLike, what: str = "file") -> Path:
+    """``path`` if it is an existing regular file (symlinks followed); otherwise ``FileNotFoundError``
+    or ``IsADirectoryError``/``ValueError`` naming what it is (a directory, a FIFO that would block a
+    reader forever, a device)."""
+    import stat
+
+    path = Path(os.path.expanduser(os.fspath(path)))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise ValueError(f"{path} is {kind}, not a regular {what}")
+    return path
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import SamplingError, StateDictMismatchError
+from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .functional import gaussian_noise_
 from .scope import Scope, select_parameters
 
@@ -489,8 +489,21 @@ class DiagonalGaussian(GaussianPosterior):
             for key in ("mean", "hess", "ess", "weight_decay"):
                 if n not in state[key]:
                     raise StateDictMismatchError(f"posterior state dict has no {key} for {n!r}")
-            if tuple(state["mean"][n].shape) != tuple(state["hess"][n].shape):
+            mean, hess = state["mean"][n], state["hess"][n]
+            if not (isinstance(mean, Tensor) and isinstance(hess, Tensor)):
+                raise StateDictMismatchError(f"{n}: mean and hess must be tensors in the state dict")
+            if tuple(mean.shape) != tuple(hess.shape):
                 raise StateDictMismatchError(f"{n}: mean and hess shapes differ in the state dict")
+            ess, delta = state["ess"][n], state["weight_decay"][n]
+            if not (isinstance(ess, (int, float)) and math.isfinite(ess) and ess > 0):
+                raise ValueError(f"{n}: ess must be a finite number > 0 in the state dict, got {ess!r}")
+            if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
+                raise ValueError(f"{n}: weight_decay must be a finite number >= 0 in the state dict, got {delta!r}")
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(hess).all())):
+                raise NonFiniteError(f"{n}: the saved posterior's mean or hess holds NaN or inf")
+            if bool((hess < 0).any()) or not bool((hess + delta > 0).all()):
+                raise ValueError(f"{n}: the saved hess has negative entries or zero precision λ(h+δ); "
+                                 "a diagonal Gaussian needs h >= 0 and h + δ > 0")
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping) -> None:

@@ -33,6 +33,9 @@ def load_dataset(spec: str, root: Optional[str] = None) -> TensorDataset:
 
         return load_cifar10(root, split)
     if name == "digits":
+        if spec.endswith(":train"):
+            raise ValueError("'digits:train': sklearn's digits is vbpc's OOD set with one split of 1,797 images; "
+                             "there is no separate training split (use 'digits' for OOD evaluation)")
         from .vision import load_digits_ood
 
         return load_digits_ood()

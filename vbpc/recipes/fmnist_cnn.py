@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise SystemExit(f"unknown method(s) {bad}; choose from {METHODS}")
+        raise ValueError(f"unknown method(s) {bad}; choose from {METHODS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig, to_dict
+from ..config import TRAIN_LEARNERS, TrainConfig, to_dict
 from ..data import load_dataset, make_loader
 from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
 from ..io import atomic_write_text
@@ -33,7 +33,7 @@ from ..training import evaluate, warmup_cosine_scheduler
 
 __all__ = ["LEARNERS", "build_learner", "train"]
 
-LEARNERS = ("adamw", "sgd", "ivon", "ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg", "bbb")
+LEARNERS = TRAIN_LEARNERS
 CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
 
 
