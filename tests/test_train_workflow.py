@@ -12,11 +12,14 @@ from vbpc.config import ConfigError, load_config
 from vbpc.workflows import train
 
 
+def config_args(learner, extra=()):
+    return [f"learner.name={learner}", "data.train_size=600", "data.batch_size=100", "model.kwargs={hidden: [32]}",
+            "schedule.epochs=2", "run.checkpoint_every=4", "run.progress=false", "eval.test_samples=2",
+            "run.log_every=2", *extra]
+
+
 def config(tmp_path, name, learner, extra=()):
-    return load_config(None, [f"run.out={tmp_path / name}", f"learner.name={learner}", "data.train_size=600",
-                              "data.batch_size=100", "model.kwargs={hidden: [32]}", "schedule.epochs=2",
-                              "run.checkpoint_every=4", "run.progress=false", "eval.test_samples=2",
-                              "run.log_every=2", *extra])
+    return load_config(None, [f"run.out={tmp_path / name}", *config_args(learner, extra)])
 
 
 def state_of(path):
@@ -42,11 +45,19 @@ def test_kill_and_resume_is_bitwise(tmp_path, learner, extra):
     killed = config(tmp_path, "resumed", learner, [*extra, "run.max_steps=7"])  # dies mid-epoch, mid-interval
     part = train(killed)
     assert part["step"] == 7 and "test" not in part
+    # what a SIGKILL after step 8's log row and mid-way through the next row leaves: rows past the checkpoint
+    log = tmp_path / "resumed" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 8, "epoch": 1, "loss": 9.9}\n{"step": 10, "epo')
     resumed = train(config(tmp_path, "resumed", learner, extra), resume=True)
     assert resumed["step"] == 12
-    m1, o1 = state_of(tmp_path / "full" / "checkpoint.safetensors")
-    m2, o2 = state_of(tmp_path / "resumed" / "checkpoint.safetensors")
-    assert same(m1, m2) and same(o1, o2)
+    ck1 = checkpoint.load(tmp_path / "full" / "checkpoint.safetensors")
+    ck2 = checkpoint.load(tmp_path / "resumed" / "checkpoint.safetensors")
+    assert same(ck1.model.state_dict(), ck2.model.state_dict()) and same(ck1.state, ck2.state)  # RNGs included
+    assert set(ck1.state["rng"]) >= {"torch_cpu", "numpy", "python"}
+    rows = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in log.read_text().splitlines()]
+    full_rows = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                 for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == full_rows  # no duplicate rows, the torn line gone
     assert resumed["test"] == full["test"] and resumed["test_bma"] == full["test_bma"]
     assert (tmp_path / "full" / "curves.png").exists()
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -115,8 +126,8 @@ def test_cli_train_quick_config_then_evaluate(tmp_path, capsys):
     assert cli(["evaluate", str(out / "checkpoint.safetensors"), "--samples", "2", "--n-boot", "10",
                 "--out", str(tmp_path / "report"), "--no-progress"]) == 0
     assert (tmp_path / "report" / "report.md").exists()
-    with pytest.raises(ConfigError, match="did you mean"):
-        cli(["train", str(config_path), "--set", "learner.lrr=1"])
+    assert cli(["train", str(config_path), "--set", "learner.lrr=1"]) == 2
+    assert capsys.readouterr().err.startswith("vbpc: error: unknown config key 'learner.lrr'; did you mean")
 
 
 def test_bbb_learner_runs_and_refuses_resume(tmp_path):
@@ -127,3 +138,56 @@ def test_bbb_learner_runs_and_refuses_resume(tmp_path):
     assert ck.extra["learner"] == "bbb" and ck.posterior is not None
     with pytest.raises(ValueError, match="not supported for learner 'bbb'"):
         train(cfg, resume=True)
+
+
+def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from vbpc.cli import main as cli
+    from vbpc.errors import RunLockedError
+    from vbpc.io import run_lock
+
+    cfg = config(tmp_path, "run", "ivon", ["run.max_steps=3"])
+    out = tmp_path / "run"
+    # D1: a live holder of the run directory (another process) refuses a second run, naming its PID
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vbpc.io import run_lock\n"
+                               f"with run_lock({str(out)!r}, 'vbpc train'):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"in use by PID {holder.pid} \\(vbpc train\\)"):
+            train(cfg)
+        assert sorted(p.name for p in out.iterdir()) == [".vbpc.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    first = train(cfg)  # the kernel released the killed holder's lock
+    files = {f: (out / f).read_bytes() for f in ("checkpoint.safetensors", "metrics.jsonl", "summary.json")}
+    # D2: re-running into a run without --resume is refused and changes nothing
+    with pytest.raises(FileExistsError, match="already holds a run .*--resume.*--overwrite"):
+        train(cfg)
+    assert cli(["train", "--set", f"run.out={out}", "--set", "learner.lr=0.2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in files} == files
+    with run_lock(out, "test"):  # the same process, another holder
+        with pytest.raises(RunLockedError, match=f"PID {__import__('os').getpid()} \\(test\\)"):
+            train(cfg, resume=True)
+    # a --resume that changes the training is refused; one that changes only where to stop continues
+    with pytest.raises(ValueError, match="--resume: the config changes learner.lr from 0.1 to 0.3"):
+        train(config(tmp_path, "run", "ivon", ["run.max_steps=3", "learner.lr=0.3"]), resume=True)
+    assert {f: (out / f).read_bytes() for f in files} == files
+    assert first["step"] == 3 and train(config(tmp_path, "run", "ivon", ["run.max_steps=5"]), resume=True)["step"] == 5
+    done = train(config(tmp_path, "run", "ivon"), resume=True)
+    assert done["step"] == 12 and "already_finished" not in done
+    before = {f: (out / f).read_bytes() for f in files}
+    again = train(config(tmp_path, "run", "ivon"), resume=True)  # a finished run: a no-op that says so
+    assert again == {**done, "already_finished": True}
+    assert {f: (out / f).read_bytes() for f in files} == before
+    assert cli(["train", "--set", f"run.out={out}", *sum((["--set", x] for x in config_args("ivon")), []),
+                "--resume"]) == 0
+    assert "already finished (step 12)" in capsys.readouterr().err
+    replaced = train(config(tmp_path, "run", "ivon", ["run.max_steps=2"]), overwrite=True)
+    assert replaced["step"] == 2 and (out / "metrics.jsonl").read_text().count("\n") == 1
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(cfg, resume=True, overwrite=True)

@@ -87,7 +87,10 @@ def _train(args: argparse.Namespace) -> int:
     from .workflows import train
 
     cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if summary.pop("already_finished", False):
+        print(f"vbpc: the run in {cfg.run.out} is already finished (step {summary.get('step')}); nothing to do",
+              file=sys.stderr)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -146,6 +149,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set learner.lr=0.3 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <run.out>/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in run.out (else refused)")
     p.set_defaults(func=_train)
 
 

@@ -3,8 +3,8 @@
 An unknown key gets an error that suggests the nearest valid one; a value of the wrong type or out of
 its range (a zero batch size, an infinite learning rate, a data root that does not exist) gets an
 error naming the key, what it expects and the value.  YAML is read strictly: a key given twice is an
-error, and ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string).  Path values expand ``~``.  ``TrainConfig`` is what ``vbpc train``
-runs (see ``examples/configs/*.yaml``)::
+error, and ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string).  Path values expand ``~``.
+``TrainConfig`` is what ``vbpc train`` runs (see ``examples/configs/*.yaml``)::
 
     cfg = load_config("examples/configs/fmnist_ivon.yaml", ["learner.lr=0.3", "schedule.epochs=1"])
 """

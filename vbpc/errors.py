@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "SamplingError", "StateDictMismatchError", "CorruptCheckpointError"]
+__all__ = ["NonFiniteError", "SamplingError", "StateDictMismatchError", "CorruptCheckpointError", "RunLockedError"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -19,3 +19,7 @@ class StateDictMismatchError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated, corrupt or not a safetensors file; nothing was loaded."""
+
+
+class RunLockedError(OSError):
+    """A run directory is in use by another live process (its PID is in the message)."""

@@ -27,11 +27,11 @@ from .. import checkpoint as ckpt
 from ..config import TRAIN_LEARNERS, TrainConfig, to_dict
 from ..data import load_dataset, make_loader
 from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
-from ..io import atomic_write_text
+from ..io import atomic_write_text, run_lock
 from ..models import build_model
 from ..training import evaluate, warmup_cosine_scheduler
 
-__all__ = ["LEARNERS", "build_learner", "train"]
+__all__ = ["LEARNERS", "build_learner", "check_resume_config", "seed_everything", "train", "truncate_log"]
 
 LEARNERS = TRAIN_LEARNERS
 CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
@@ -94,15 +94,11 @@ def _prior(post: Any) -> Any:
         return None
 
 
-def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path,
-               resume: bool) -> dict[str, Any]:
+def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path) -> dict[str, Any]:
     """Bayes-by-backprop through Pyro SVI (:class:`vbpc.inference.svi.BayesByBackprop`): constant LR,
     a checkpoint (posterior mean in the model, the guide as the posterior) at the end; no resume."""
     from ..inference.svi import BayesByBackprop
 
-    if resume:
-        raise ValueError("--resume is not supported for learner 'bbb' (Pyro's optimizer state is not "
-                         "checkpointed); rerun it from the start")
     bbb = BayesByBackprop(model, ess=float(cfg.learner.kwargs.get("ess", n)), weight_decay=cfg.learner.weight_decay,
                           lr=cfg.learner.lr, **{k: v for k, v in cfg.learner.kwargs.items() if k != "ess"})
     t0 = time.perf_counter()
@@ -130,38 +126,132 @@ def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path,
     return summary
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``cfg``; with ``resume`` continue from ``<run.out>/checkpoint.safetensors``.  Returns the summary."""
+#: config keys a ``--resume`` may change: they steer logging, checkpoint cadence, where to stop and the
+#: final evaluation, never the training itself (``eval.`` covers the whole section)
+RESUME_MAY_CHANGE = ("run.max_steps", "run.progress", "run.checkpoint_every", "run.log_every", "run.out", "eval.")
+
+#: the files of a run; a new run refuses to replace them without ``overwrite``
+RUN_FILES = ("checkpoint.safetensors", "metrics.jsonl", "summary.json")
+
+
+def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"learner": {"lr": 0.1}}`` -> ``{"learner.lr": 0.1}`` (sections only; ``kwargs`` stay whole)."""
+    out: dict[str, Any] = {}
+    for section, value in cfg.items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse a ``--resume`` whose config differs from the checkpoint's in anything that changes the
+    training (learner, data, model, schedule, anchor, seed): such a change would be recorded but
+    not applied, or would silently change a half-finished run."""
+    old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(to_dict(cfg))))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
+    if changed:
+        k = changed[0]
+        more = f" (and {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+        raise ValueError(f"--resume: the config changes {k} from {old.get(k)!r} to {new.get(k)!r}{more}; a resumed "
+                         "run continues with its checkpoint's settings. Drop the change, or start a new run "
+                         "(another run.out, or --overwrite)")
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to the checkpoint's ``step`` (the steps after it are
+    replayed on resume and would otherwise appear twice); a torn line (a kill mid-write) is dropped."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    atomic_write_text(log_path, "".join(keep))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, NumPy and Python's ``random`` from one run seed (all three are checkpointed)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; with ``resume`` continue from ``<run.out>/checkpoint.safetensors``.  Returns the summary.
+
+    Everything (data, model, learner, schedule) is built and checked before any file is touched.
+    The run directory is locked for the run (:func:`vbpc.io.run_lock`).  A directory that already
+    holds a run is refused unless ``resume`` (continue it; a finished run is left as it is and its
+    summary returned with ``"already_finished": True``) or ``overwrite`` (replace it)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in run.out and --overwrite replaces it; pass one of them")
     out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "checkpoint.safetensors"
-    torch.manual_seed(cfg.run.seed)
+    seed_everything(cfg.run.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_dataset(f"{cfg.data.name}:train", cfg.data.root)
     if cfg.data.train_size:
+        if cfg.data.train_size > len(data):
+            raise ValueError(f"data.train_size={cfg.data.train_size} exceeds the {len(data):,} training examples "
+                             f"of {cfg.data.name!r}")
         data = torch.utils.data.TensorDataset(*(t[: cfg.data.train_size] for t in data.tensors))
     n = len(data)
     spe = math.ceil(n / cfg.data.batch_size)
     total = cfg.schedule.epochs * spe
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
-    if cfg.learner.name == "bbb":
-        return _train_bbb(cfg, model, data, n, out, path, resume)
-    opt = build_learner(cfg, model, n, spe)
-    sched = _scheduler(cfg, opt, total)
+    if cfg.learner.name == "bbb" and resume:
+        raise ValueError("--resume is not supported for learner 'bbb' (Pyro's optimizer state is not "
+                         "checkpointed); rerun it from the start")
+    opt = build_learner(cfg, model, n, spe) if cfg.learner.name != "bbb" else None
+    sched = _scheduler(cfg, opt, total) if opt is not None else None
+    if resume and not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    with run_lock(out, "vbpc train"):
+        present = [f for f in RUN_FILES if (out / f).exists()]
+        if present and not (resume or overwrite):
+            raise FileExistsError(f"{out} already holds a run ({', '.join(present)}); pass --resume to continue it "
+                                  "or --overwrite to replace it")
+        if overwrite:
+            for f in present:
+                (out / f).unlink()
+        if opt is None:
+            return _train_bbb(cfg, model, data, n, out, path)
+        return _train(cfg, model, opt, sched, data, n, spe, total, out, path, device, resume)
+
+
+def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Any, n: int, spe: int,
+           total: int, out: Path, path: Path, device: torch.device, resume: bool) -> dict[str, Any]:
+    """The training loop of :func:`train` (under the run lock, after every check)."""
     step = 0
     log_path = out / "metrics.jsonl"
     if resume:
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         loaded = ckpt.load(path, model, device=device)
         extra = loaded.extra
         if extra.get("learner") != cfg.learner.name:
             raise ValueError(f"--resume: the checkpoint was written by learner {extra.get('learner')!r}, "
                              f"the config asks for {cfg.learner.name!r}")
+        if isinstance(extra.get("config"), dict):
+            check_resume_config(extra["config"], cfg)
+        step = int(extra["step"])
+        if step >= total:
+            summary_path = out / "summary.json"
+            done = json.loads(summary_path.read_text()) if summary_path.is_file() else {"step": step}
+            return {**done, "already_finished": True}
         opt.load_state_dict(loaded.state["optimizer"])
         sched.load_state_dict(loaded.state["scheduler"])
         restore_rng(rng_from_state_dict(loaded.state["rng"]))
-        step = int(extra["step"])
+        truncate_log(log_path, step)
     elif log_path.exists():
         log_path.unlink()
     log = log_path.open("a", encoding="utf-8")
