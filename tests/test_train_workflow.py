@@ -151,9 +151,9 @@ def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
     cfg = config(tmp_path, "run", "ivon", ["run.max_steps=3"])
     out = tmp_path / "run"
     # D1: a live holder of the run directory (another process) refuses a second run, naming its PID
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vbpc.io import run_lock\n"
-                               f"with run_lock({str(out)!r}, 'vbpc train'):\n print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    script = (f"import time\nfrom vbpc.io import run_lock\nwith run_lock({str(out)!r}, 'vbpc train'):\n"
+              " print('held', flush=True)\n time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLockedError, match=f"in use by PID {holder.pid} \\(vbpc train\\)"):

@@ -56,7 +56,10 @@ def randn_like(like: Tensor, generator: torch.Generator, dtype: torch.dtype) -> 
     full = torch.randn(like.shape, generator=generator, dtype=dtype).to(like.device)
     if not is_dtensor(like):
         return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    try:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.6: a broadcast from rank 0, of the same numbers
+        return distribute_tensor(full, like.device_mesh, like.placements)
 
 
 def global_sums(values: list[Tensor], like: list[Tensor]) -> list[Tensor]:

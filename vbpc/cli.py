@@ -106,7 +106,7 @@ def _config_command(sub: Any, name: str, cls_name: str, runner: str, example: st
 
         cfg = config.load_config(args.config, args.set, cls=getattr(config, cls_name))
         module, fn = runner.split(".")
-        result = getattr({"continual": continual, "merging": merging}[module], fn)(cfg)
+        result = getattr({"continual": continual, "merging": merging}[module], fn)(cfg, overwrite=args.overwrite)
         print(result["table"], end="")
         print(f"wrote {files} to {result['out']} ({result['seconds']:.0f} s)")
         return 0
@@ -116,6 +116,7 @@ def _config_command(sub: Any, name: str, cls_name: str, runner: str, example: st
     p.add_argument("config", nargs="?", default=None, help=f"YAML config ({example})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set tasks.epochs=2 --set 'seeds=[0, 1]' (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in out (else refused)")
     p.set_defaults(func=run)
 
 

@@ -278,8 +278,8 @@ def _each(check: Check) -> Check:
 
 
 def _seed(value: Any, key: str) -> Any:
-    if not 0 <= value < 2**63:
-        raise ConfigError(f"{key} must be in [0, 2**63), got {value!r}")
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32) (NumPy's seed range), got {value!r}")
     return value
 
 

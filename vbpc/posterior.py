@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._dtensor import any_dtensor, locals_
 from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .functional import gaussian_noise_
 from .scope import Scope, select_parameters
@@ -89,6 +90,8 @@ def perturbation(
 
 
 def _copy_(dst: list[Tensor], src: list[Tensor]) -> None:
+    if any_dtensor(dst) or any_dtensor(src):  # sharded (FSDP2) parameters: copy the local shards
+        dst, src = locals_(dst), locals_(src)
     if all(d.dtype == s.dtype and d.device == s.device for d, s in zip(dst, src)):
         torch._foreach_copy_(dst, src)
     else:

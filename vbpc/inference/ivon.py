@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import (
     check_clip_grad_norm,
@@ -135,6 +136,15 @@ class IVON(Optimizer):
             was below 1 are counted in ``counters["clipped_steps"]``.  The corrected learners clip
             the corrected gradient instead (:class:`vbpc.IVONPoCo`).
 
+    **Sharded parameters** (PyTorch FSDP2, ``fully_shard``: DTensor parameters).  The state is
+    laid out like the parameters (DTensors: each rank holds its shard), the elementwise update runs
+    on the local shards, and the noise is drawn for the local shard from the rank's global RNG, so
+    **seed each rank differently** (``torch.manual_seed(seed + rank)``) after building the model
+    (identical seeds would give every shard the same numbers, which biases the Price Hessian; the
+    first step warns).  FSDP2 already averages the gradient over ranks: leave ``sync=False``.  The
+    global gradient norm of ``clip_grad_norm`` and the non-finite check are taken over all shards,
+    so every rank clips, steps or raises alike.  ``parity`` (a single-device contract) is refused.
+
     Arithmetic: by default the update runs the fused kernels of
     :func:`vbpc.functional.ivon_update_fast_` (10 memory passes, σ cached between steps), which
     equal eqs. (7)-(10) up to floating-point rounding.  ``parity=True`` runs the §2.1 exact
@@ -203,6 +213,8 @@ class IVON(Optimizer):
         self._active = False  # a sampled_params context is open
         self._closure_owned = False  # step(closure) owns the current sample
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
+        self._sharded = False  # some parameter is a DTensor (FSDP2): kernels run on local shards
+        self._noise_checked = False  # the once-only check that shards draw different noise
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -224,8 +236,31 @@ class IVON(Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"{type(self).__name__} needs real floating-point parameters; {name!r} in param "
                                 f"group {len(self.param_groups)} has dtype {p.dtype}")
+        if dt.any_dtensor(param_group["params"]):
+            self._check_sharded(bool(self.sync))
+            self._sharded = True
         super().add_param_group(param_group)
         self._ws.clear()
+
+    def _check_sharded(self, sync: bool) -> None:
+        """DTensor (FSDP2) parameters: refuse the options that assume replicated parameters."""
+        if self.parity:
+            raise ValueError(f"{type(self).__name__}(parity=True) follows the single-device reference's RNG contract; "
+                             "it does not apply to sharded (DTensor) parameters")
+        if sync:
+            raise ValueError(f"{type(self).__name__}(sync=True) averages replicated statistics over ranks; the "
+                             "parameters are sharded (DTensor, FSDP2), whose backward already averages the gradient "
+                             "over ranks: use sync=False")
+
+    def _loc(self, ts: list[Tensor]) -> list[Tensor]:
+        """The local shards of DTensors (FSDP2), the tensors themselves otherwise."""
+        return dt.locals_(ts) if self._sharded else ts
+
+    def _agree(self, flag: bool, device: torch.device) -> bool:
+        """``flag`` and-ed over ranks when the parameters are sharded (each rank sees its shards)."""
+        if self._sharded and ranks.active():
+            return ranks.all_true(flag, device)
+        return flag
 
     def _sdtype(self, p: Tensor) -> torch.dtype:
         return _state_dtype(p.dtype, self.state_dtype)
@@ -275,18 +310,19 @@ class IVON(Optimizer):
         nothing: saved means, flat noise, two accumulators, two scratch lists and (fast path)
         the cached h+δ and σ: 8d (6d under parity) next to the persistent 3d state (§6.4)."""
         ws = self._ws.get(gi)
+        locs = self._loc(params)  # DTensor parameters: the buffers are shaped like the local shards
         if ws is not None and len(ws["params"]) == len(params) and all(
-                a is b and a.shape == s.shape and a.device == s.device
-                for a, b, s in zip(ws["params"], params, ws["saved"])):
+                a is b and loc.shape == s.shape and loc.device == s.device
+                for a, b, loc, s in zip(ws["params"], params, locs, ws["saved"])):
             return ws
 
         def like(p: Tensor) -> Tensor:
             return torch.empty(p.shape, dtype=self._sdtype(p), device=p.device)
 
         keys = ("grad", "stat", "s1", "s2") if self.parity else ("grad", "stat", "s1", "s2", "hw", "rsqrt")
-        ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None, "parts": self._partition(params),
-              "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
-              **{k: [like(p) for p in params] for k in keys}}
+        ws = {"params": list(params), "z": {}, "views": None, "sigma_key": None, "parts": self._partition(locs),
+              "saved": [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in locs],
+              **{k: [like(p) for p in locs] for k in keys}}
         self._ws[gi] = ws
         return ws
 
@@ -380,10 +416,13 @@ class IVON(Optimizer):
                     torch.randn(sum(p.numel() for p in group["params"]), dtype=group["params"][0].dtype,
                                 device=group["params"][0].device)
                 continue
-            hess = [self._state(p, group)["hess"] for p in params]
+            hess = self._loc([self._state(p, group)["hess"] for p in params])
             self._check_positivity(gi, group, params)
             ws = self._workspace(gi, params)
-            z = self._draw_noise(gi, group, params, ws)
+            z = self._draw_noise(gi, group, self._loc(params), ws)
+            if self._sharded and not self._noise_checked and ranks.active():
+                self._noise_checked = True
+                ranks.warn_if_same_noise(z, type(self).__name__)
             if self.parity:  # exact §2.1 arithmetic: n = z / sqrt(λ(h+δ))
                 for zz, h, s1, fe in self._parts(ws, z, hess, ws["s1"]):
                     gaussian_noise_(zz, h, group["ess"], group["weight_decay"], scratch=s1, foreach=fe)
@@ -404,17 +443,18 @@ class IVON(Optimizer):
                     continue
                 ws, ess = self._ws[gi], self.param_groups[gi]["ess"]
                 masters = {i for i, p in enumerate(params) if "mean" in self.state[p]}
+                locs = self._loc(params)
                 if not masters:
-                    for ps, zz, r, fe in self._parts(ws, params, noise, ws["rsqrt"]):
+                    for ps, zz, r, fe in self._parts(ws, locs, noise, ws["rsqrt"]):
                         perturb_(ps, zz, r, ess, foreach=fe)
                     continue
-                for i, p in enumerate(params):
+                for i, (p, loc) in enumerate(zip(params, locs)):
                     if i in masters:  # low-precision parameter: θ from the fp32 master
-                        v = ws["s1"][i].copy_(self.state[p]["mean"])
+                        v = ws["s1"][i].copy_(dt.local(self.state[p]["mean"]))
                         perturb_([v], [noise[i]], [ws["rsqrt"][i]], ess, foreach=False)
-                        p.copy_(v)
+                        loc.copy_(v)
                     else:
-                        perturb_([p], [noise[i]], [ws["rsqrt"][i]], ess, foreach=False)
+                        perturb_([loc], [noise[i]], [ws["rsqrt"][i]], ess, foreach=False)
 
         return draw, perturbation(targets, lambda: self._names(targets), owner, write, saved)
 
@@ -501,7 +541,7 @@ class IVON(Optimizer):
                 ws[gk], ws[sk] = [torch.empty_like(t) for t in ws["grad"]], [torch.empty_like(t) for t in ws["stat"]]
             grads = []
             for i, p in enumerate(params):
-                g = p.grad
+                g = dt.local(p.grad) if self._sharded else p.grad
                 if g is None:  # fix 3: a trainable parameter without gradient counts as zero
                     g = ws["s1"][i].zero_()
                 elif g.dtype != noise[i].dtype or g.layout != torch.strided:
@@ -509,7 +549,8 @@ class IVON(Optimizer):
                 grads.append(g)
             collected.append((gi, noise, ws, grads))
         if not out and self._clip_mode() == "sample" and not self._synced():
-            c = self._clip_factor([g for *_, grads in collected for g in grads])
+            c = self._clip_factor([g for *_, grads in collected for g in grads],
+                                  [p for _, params, _ in draw for p in params])
             if c is not None:
                 torch._foreach_mul_([g for *_, grads in collected for g in grads], c)
         for gi, noise, ws, grads in collected:
@@ -533,16 +574,25 @@ class IVON(Optimizer):
     def _synced(self) -> bool:
         return self.sync and ranks.active()
 
-    def _clip_factor(self, grads: list[Tensor]) -> Optional[Tensor]:
+    def _clip_factor(self, grads: list[Tensor], params: Optional[list[Tensor]] = None) -> Optional[Tensor]:
         """The factor :math:`c<1` of ``clip_grad_norm`` for ``grads`` (one host sync), or ``None`` when the
         clip is off or inactive.  A non-finite norm is left to the finite check, which names the
-        parameter; a norm that overflowed on finite gradients raises here."""
+        parameter; a norm that overflowed on finite gradients raises here.  ``params`` (aligned with
+        ``grads``) is needed when the parameters are sharded: the norm is then taken over all shards."""
         if self.clip_grad_norm is None or not grads:
             return None
-        c = clip_coef(grads, self.clip_grad_norm)
+        if self._sharded:
+            if params is None:
+                raise RuntimeError("internal: a clip of sharded gradients needs their parameters")
+            norms = torch._foreach_norm(grads, 2.0)
+            sq = dt.global_sums([n.float().square() for n in norms], params)
+            total = torch.stack(sq).sum().sqrt()
+            c = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+        else:
+            c = clip_coef(grads, self.clip_grad_norm)
         value = float(c)
         if not math.isfinite(value) or value == 0.0:
-            if all(bool(torch.isfinite(g).all()) for g in grads):
+            if self._agree(all(bool(torch.isfinite(g).all()) for g in grads), grads[0].device):
                 raise NonFiniteError("the gradient norm overflowed on finite gradients (clip_grad_norm); "
                                      "the step was skipped and no state changed")
             return None  # non-finite gradients: the finite check raises with the parameter's name
@@ -566,9 +616,11 @@ class IVON(Optimizer):
             price = self.param_groups[gi]["hess_approx"] == "price"
             torch._foreach_mul_(acc["stat"], c if price else c * c)
 
-    @staticmethod
-    def _finite_grads(draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> bool:
-        grads = [p.grad for _, params, _ in draw for p in params if p.grad is not None]
+    def _finite_grads(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> bool:
+        grads = self._loc([p.grad for _, params, _ in draw for p in params if p.grad is not None])
+        if self._sharded:  # every rank must skip or keep the sample alike
+            ok = all(bool(torch.isfinite(g).all()) for g in grads)
+            return self._agree(ok, draw[0][1][0].device)
         if not grads:
             return True
         if bool(torch.isfinite(torch.stack([g.float().sum() for g in grads])).all()):
@@ -622,7 +674,7 @@ class IVON(Optimizer):
                 if self.sync:  # before the finite check: a NaN on one rank must stop every rank
                     self._sync_samples(losses)
                     self._clip_synced_samples()
-                elif not self._warned_drift:
+                elif not self._warned_drift and not self._sharded:  # FSDP2 averages the gradient itself
                     self._warned_drift = True
                     warnings.warn(
                         f"{type(self).__name__} under torch.distributed (world size {dist.get_world_size()}) with "
@@ -672,18 +724,28 @@ class IVON(Optimizer):
         dev = tensors[0].device if tensors else losses[0].device
         sums = [t.sum().to(dev, torch.float32) for t in tensors]
         flags = torch.stack(sums + [loss.float().to(dev).reshape(()) for loss in losses])
-        if bool(torch.isfinite(flags).all()):
+        if self._agree(bool(torch.isfinite(flags).all()), dev):
             return
+        error = self._nonfinite_error(losses)
+        if not self._agree(error is None, dev) and error is None:  # sharded: another rank's shard
+            error = ("non-finite loss or gradient on another rank (sharded parameters); the step was skipped on "
+                     "every rank and no state changed")
+        if error is not None:
+            raise NonFiniteError(error)
+        # only the sums overflowed: every entry is finite
+
+    def _nonfinite_error(self, losses: list[Tensor]) -> Optional[str]:
+        """The message naming the first non-finite loss or gradient, or ``None`` when all are finite."""
         bad_loss = [i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())]
         if bad_loss:
-            raise NonFiniteError(f"the closure returned a non-finite loss ({losses[bad_loss[0]].item()}) at MC "
-                                 f"sample {bad_loss[0]}; the step was skipped and no state changed")
+            return (f"the closure returned a non-finite loss ({losses[bad_loss[0]].item()}) at MC "
+                    f"sample {bad_loss[0]}; the step was skipped and no state changed")
         for acc in self._acc.values():
             for p, g, s in zip(acc["params"], acc["ghat"], acc["stat"]):
                 if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(s).all())):
-                    raise NonFiniteError(f"non-finite gradient for parameter {self._names([p])[0]!r} (shape "
-                                         f"{tuple(p.shape)}); the step was skipped and no state changed")
-        # only the sums overflowed: every entry is finite
+                    return (f"non-finite gradient for parameter {self._names([p])[0]!r} (shape "
+                            f"{tuple(p.shape)}); the step was skipped and no state changed")
+        return None
 
     def _sync_samples(self, losses: list[Tensor]) -> None:
         """Average the collected means over ranks (only accumulators that exist, fix 6; the anchor
@@ -720,7 +782,7 @@ class IVON(Optimizer):
             ws = self._acc.get(gi)
             if ws is None:
                 continue
-            hess = [self.state[p]["hess"] for p in ws["params"]]
+            hess = self._loc([self.state[p]["hess"] for p in ws["params"]])
             price = group["hess_approx"] == "price"
             if self.parity:
                 for stat, h, s1, fe in self._parts(ws, ws["stat"], hess, ws["s1"]):
@@ -737,7 +799,7 @@ class IVON(Optimizer):
             prepared.append((gi, group, ws, hess, self._correct(gi, group, ws, hess, price)))
         if self._clip_mode() == "corrected":  # the corrected gradient g̃, after the correction
             grads = [g for _, _, ws, _, _ in prepared for g in ws["ghat"]]
-            c = self._clip_factor(grads)
+            c = self._clip_factor(grads, [p for _, _, ws, _, _ in prepared for p in ws["params"]])
             if c is not None:
                 torch._foreach_mul_(grads, c)
         for _, group, ws, hess, price in prepared:
@@ -758,8 +820,8 @@ class IVON(Optimizer):
         for idx, fe in ws["parts"]:
             for i in idx:
                 buckets[(t_all[i], fe)].append(i)
-        means = [st.get("mean", p) for st, p in zip(states, params)]
-        momenta = [st["momentum"] for st in states]
+        means = self._loc([st.get("mean", p) for st, p in zip(states, params)])
+        momenta = self._loc([st["momentum"] for st in states])
         for (t, fe), idx in buckets.items():
             c_t = 1.0 - math.pow(group["beta1"], t) if group["debias"] else 1.0
             pick = _picker(idx)
@@ -873,6 +935,9 @@ class IVON(Optimizer):
             new_state[p] = out
         extra = state_dict.get("vbpc", {})
         clip = check_clip_grad_norm(extra.get("clip_grad_norm", self.clip_grad_norm))
+        if self._sharded and (extra.get("sync") or extra.get("parity")):
+            raise StateDictMismatchError("the state dict was saved with sync=True or parity=True, which sharded "
+                                         "(DTensor, FSDP2) parameters do not support")
         # commit
         self.state = new_state
         self.param_groups = new_groups

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
@@ -341,9 +342,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
         ess_out = self.anchor.extra["ess"]
         out_draw = []
         for gi, params, z in draw:
-            if self.anchor_noise == "independent":
-                z = [torch.randn(p.shape, generator=self.anchor.generator, dtype=zi.dtype).to(zi.device)
-                     for p, zi in zip(params, z)]
+            if self.anchor_noise == "independent":  # a DTensor's shard of the full draw
+                z = [dt.local(dt.randn_like(p, self.anchor.generator, zi.dtype)) for p, zi in zip(params, z)]
             out_draw.append((gi, params, z))
         targets = [p for _, ps, _ in out_draw for p in ps]
 
@@ -351,14 +351,16 @@ class IVONPoCo(CorrectionSchedule, IVON):
             for gi, params, z in out_draw:
                 o = offsets[gi]
                 for i, (p, zi) in enumerate(zip(params, z)):
-                    m_out = self.anchor.mean[o + i].to(p.device)
+                    m_out = dt.local(self.anchor.mean[o + i].to(p.device))
+                    r = dt.local(r_out[o + i].to(p.device))
+                    loc = dt.local(p)
                     if "mean" in self.state[p]:  # fp32 master: build θ_out in fp32, then cast
                         v = m_out.clone()
-                        perturb_([v], [zi], [r_out[o + i].to(p.device)], ess_out[o + i], foreach=False)
-                        p.copy_(v)
+                        perturb_([v], [zi], [r], ess_out[o + i], foreach=False)
+                        loc.copy_(v)
                     else:
-                        p.copy_(m_out)
-                        perturb_([p], [zi], [r_out[o + i].to(p.device)], ess_out[o + i], foreach=False)
+                        loc.copy_(m_out)
+                        perturb_([loc], [zi], [r], ess_out[o + i], foreach=False)
 
         return out_draw, perturbation(targets, lambda: self._names(targets), "IVONPoCo.step (anchor)", write)
 
@@ -385,9 +387,9 @@ class IVONPoCo(CorrectionSchedule, IVON):
         a = self.anchor
         ess = float(group["ess"])
         root = math.sqrt(ess)
-        g_bar = a.grad[o:o + n]  # type: ignore[index]
-        h_bar = a.hess[o:o + n]  # type: ignore[index]
-        r_out = a.extra["rsqrt"][o:o + n]
+        g_bar = self._loc(a.grad[o:o + n])  # type: ignore[index]
+        h_bar = self._loc(a.hess[o:o + n])  # type: ignore[index]
+        r_out = self._loc(a.extra["rsqrt"][o:o + n])
         # ĥ = √λ · mean(z⊙g) / r  (fast-path Price statistic, eq. 5)
         # into the scratch lists (free once samples are collected: no allocation per step)
         h_in = [torch.mul(s, root, out=b).div_(r) for s, r, b in zip(ws["stat"], ws["rsqrt"], ws["s1"])]
@@ -402,8 +404,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
         else:
             poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if self.proximal:  # eq. (23), added to g̃ (ĥ_out is still intact): α(h̄ − ĥ_out)⊙(m − m_out)
-            for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], a.mean[o:o + n]):  # type: ignore[index]
-                mean = self.state[p].get("mean", p)
+            for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], self._loc(a.mean[o:o + n])):  # type: ignore[index]
+                mean = dt.local(self.state[p].get("mean", p))
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
         if not self.correct_hessian:
             if self.track_stats:
@@ -421,7 +423,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         previous steps' running moments (no host sync), then fold this step's moments in."""
         beta = self.alpha_smoothing
         scale = alpha / self.alpha0
-        alphas = []
+        alphas, sums = [], []
         for p, g, go, gb in zip(ws["params"], g_in, ws["grad_out"], g_bar):
             st = self.state[p]
             if "cv_cov" not in st:
@@ -431,10 +433,15 @@ class IVONPoCo(CorrectionSchedule, IVON):
             ratio = (cov / var.clamp(min=torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
             a_j = torch.where(var > 0, ratio * scale, alpha).to(g.dtype)  # no estimate yet: α_t
             d = go - gb.to(go.device, go.dtype)
-            cov.mul_(beta).add_(torch.sum(g * d, dtype=torch.float64), alpha=1.0 - beta)
-            var.mul_(beta).add_(torch.sum(d * d, dtype=torch.float64), alpha=1.0 - beta)
+            sums.append((torch.sum(g * d, dtype=torch.float64), torch.sum(d * d, dtype=torch.float64)))
             g.sub_(go * a_j).add_(gb.to(g.device, g.dtype) * a_j)  # (ĝ_in − α ĝ_out) + α ḡ_out
             alphas.append(a_j)
+        if self._sharded:  # sums over the local shards: add the other shards' (one all-reduce)
+            flat = dt.global_sums([x for pair in sums for x in pair], [p for p in ws["params"] for _ in range(2)])
+            sums = list(zip(flat[0::2], flat[1::2]))
+        for p, (gd, dd) in zip(ws["params"], sums):
+            self.state[p]["cv_cov"].mul_(beta).add_(gd, alpha=1.0 - beta)
+            self.state[p]["cv_var"].mul_(beta).add_(dd, alpha=1.0 - beta)
         if self.track_stats:  # every group's, in the learner's parameter order
             if gi == min(self._acc) or self.last_alpha is None:
                 self.last_alpha = alphas
@@ -469,7 +476,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         for gi, ws in self._acc.items():
             o = offsets[gi]
             for i, go in enumerate(ws["grad_out"]):
-                gb = a.grad[o + i]
+                gb = dt.local(a.grad[o + i])
                 gb.add_(go.to(gb.device, gb.dtype).sub(gb), alpha=w)
         a.examples += b
 

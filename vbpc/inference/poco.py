@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
+from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import check_clip_grad_norm, clip_coef, poco_correct_
 from ..nn.norm import RunningStatsGuard, preserved_running_stats
@@ -113,7 +114,7 @@ class Anchor:
             return None
         if shared is not None:
             return shared
-        return [torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in like]
+        return [dt.randn_like(p, self.generator, p.dtype) for p in like]
 
     @torch.no_grad()
     def accumulate(
@@ -237,9 +238,8 @@ class Anchor:
             h_c = [torch.zeros_like(m) for m in m_out] if hessian else None
             for k in range(draws):
                 if k % len(signs) == 0:
-                    z0 = None if scales is None else [
-                        torch.randn(p.shape, generator=self.generator, dtype=m.dtype).to(m.device)
-                        for p, m in zip(params, m_out)]
+                    z0 = None if scales is None else [  # a DTensor's shard of the full draw
+                        dt.randn_like(m, self.generator, m.dtype) for m in m_out]
                 z = None if z0 is None else [signs[k % len(signs)] * t for t in z0]
 
                 def write(z: Optional[list[Tensor]] = z) -> None:
@@ -251,7 +251,7 @@ class Anchor:
                         loss = loss_fn(batch)
                         if not bool(torch.isfinite(loss.detach()).all()):
                             raise NonFiniteError("anchor refresh: non-finite loss; the anchor was not changed")
-                        grads = torch.autograd.grad(loss, params, allow_unused=True)
+                        grads = _gradients(loss, params)
                 for i, g in enumerate(grads):
                     if g is None:
                         continue
@@ -313,6 +313,24 @@ class Anchor:
         self.step = int(state["step"])
         self.examples = int(state.get("examples", 0))
         self.generator.set_state(state["generator"])
+
+
+def _gradients(loss: Tensor, params: list[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The gradients of ``loss`` with respect to ``params`` (``None`` where unused), leaving ``p.grad`` as
+    it was.  Sharded (DTensor, FSDP2) parameters are not in the autograd graph (the forward uses
+    all-gathered copies), so ``torch.autograd.grad`` would see none of them: the backward runs, and FSDP2
+    reduce-scatters each gradient into ``p.grad``."""
+    if not dt.any_dtensor(params):
+        return torch.autograd.grad(loss, params, allow_unused=True)
+    kept = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return tuple(p.grad for p in params)
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
 
 
 def _allreduce_means(g_bar: Optional[list[Tensor]], h_bar: Optional[list[Tensor]], seen: int,

@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import ContinualConfig, ConfigError, to_dict
 from ..data import load_fashion_mnist, seed_everything
-from ..io import atomic_write_text
+from ..io import atomic_write_text, run_lock
 from ..metrics import ece as ece_metric
 from ..models import build_model
 
-__all__ = ["METHODS", "SCENARIOS", "Task", "make_tasks", "run_continual", "forgetting"]
+__all__ = ["METHODS", "SCENARIOS", "Task", "make_tasks", "preflight", "run_continual", "forgetting"]
 
 METHODS = ("naive", "vcl", "poco", "adamw")
 SCENARIOS = ("split", "permuted")
@@ -338,8 +338,52 @@ def _plot(summary: dict[str, Any], n_tasks: int, path: Path, title: str) -> None
     save_figure(fig, path)
 
 
-def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
-    """Run every method x seed over the task sequence; write the log, table, plot and posteriors."""
+def preflight(cfg: Any, *, continual: bool) -> None:
+    """Build what a continual or merging run builds (the first seed's tasks, the model, the IVON
+    and ContinualIVON learners with ``learner.kwargs``) so that a bad config or input fails before
+    any file is created or truncated."""
+    import vbpc
+
+    if cfg.learner.name != "ivon":
+        what = "the continual methods are IVON-based" if continual else "merging uses IVON posteriors"
+        raise ConfigError(f"learner.name={cfg.learner.name!r}: {what} ('ivon')")
+    tc = cfg.tasks
+    tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size, test_size=tc.test_size,
+                       seed=cfg.seeds[0])
+    empty = [t.name for t in tasks if len(t) == 0 or len(t.y_test) == 0]
+    if empty:
+        raise ConfigError(f"task {empty[0]} has no training or test examples (tasks.train_size / tasks.test_size)")
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    kw = dict(cfg.learner.kwargs)
+    ess = float(kw.pop("ess", len(tasks[0])))
+    named = list(model.named_parameters())
+    try:
+        opt = vbpc.IVON(named, lr=cfg.learner.lr, ess=ess, weight_decay=cfg.learner.weight_decay, model=model, **kw)
+        vbpc.ContinualIVON(named, lr=cfg.learner.lr, ess=ess, prior=opt.posterior(model), model=model,
+                           weight_decay=cfg.learner.weight_decay, **kw)
+    except TypeError as exc:
+        raise ConfigError(f"learner.kwargs: {exc}") from None
+
+
+def prepare_out(out: Path, overwrite: bool, files: tuple[str, ...]) -> None:
+    """Refuse to replace an earlier run's results in ``out`` unless ``overwrite`` (then remove them)."""
+    present = [f for f in files if (out / f).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace "
+                              "them or choose another out")
+    for f in present:
+        (out / f).unlink()
+
+
+#: the files a continual run writes (besides the posteriors)
+RESULT_FILES = ("metrics.jsonl", "results.json", "results.md", "continual.png")
+
+
+def run_continual(cfg: ContinualConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run every method x seed over the task sequence; write the log, table, plot and posteriors.
+
+    The whole config is checked (:func:`preflight`) before ``out`` is touched; ``out`` is locked
+    for the run, and earlier results there are replaced only with ``overwrite``."""
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise ConfigError(f"methods={cfg.methods!r}: each one of {METHODS}")
@@ -348,10 +392,15 @@ def run_continual(cfg: ContinualConfig) -> dict[str, Any]:
     if "poco" in cfg.methods and cfg.tasks.memory_per_task < 1:
         raise ConfigError("method 'poco' corrects on a replay memory: tasks.memory_per_task must be >= 1 "
                           "(an empty memory cannot estimate the correction term of eq. 29)")
-    if cfg.learner.name != "ivon":
-        raise ConfigError(f"learner.name={cfg.learner.name!r}: the continual methods are IVON-based ('ivon')")
+    preflight(cfg, continual=True)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, "vbpc continual"):
+        prepare_out(out, overwrite, RESULT_FILES + tuple(f"{m}_seed{s}.safetensors" for m in cfg.methods
+                                                         for s in cfg.seeds))
+        return _run_continual(cfg, out)
+
+
+def _run_continual(cfg: ContinualConfig, out: Path) -> dict[str, Any]:
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
     rows: list[dict[str, Any]] = []

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, MergeConfig, to_dict
 from ..data import seed_everything
 from ..inference.merge import merge_posteriors, task_arithmetic
-from ..io import atomic_write_text
+from ..io import atomic_write_text, run_lock
 from ..models import build_model
-from .continual import Task, _evaluate, make_tasks, task_loss
+from .continual import Task, _evaluate, make_tasks, preflight, prepare_out, task_loss
 
 __all__ = ["run_merging", "MERGES"]
 
@@ -102,14 +102,25 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
     return accs
 
 
-def run_merging(cfg: MergeConfig) -> dict[str, Any]:
-    """Base, per-task finetunes and their merges for every seed; table of per-task accuracies."""
-    if cfg.learner.name != "ivon":
-        raise ConfigError(f"learner.name={cfg.learner.name!r}: merging uses IVON posteriors ('ivon')")
+#: the files a merging run writes
+RESULT_FILES = ("metrics.jsonl", "results.json", "results.md", "merging.png")
+
+
+def run_merging(cfg: MergeConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Base, per-task finetunes and their merges for every seed; table of per-task accuracies.
+
+    The whole config is checked before ``out`` is touched; ``out`` is locked for the run, and
+    earlier results there are replaced only with ``overwrite``."""
     if not cfg.seeds:
         raise ConfigError("seeds: at least one seed")
+    preflight(cfg, continual=False)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, "vbpc merge-eval"):
+        prepare_out(out, overwrite, RESULT_FILES)
+        return _run_merging(cfg, out)
+
+
+def _run_merging(cfg: MergeConfig, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = []
     names: list[str] = []

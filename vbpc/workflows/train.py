@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import TRAIN_LEARNERS, TrainConfig, to_dict
-from ..data import load_dataset, make_loader
+from ..data import load_dataset, make_loader, seed_everything
 from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
 from ..training import evaluate, warmup_cosine_scheduler
 
-__all__ = ["LEARNERS", "build_learner", "check_resume_config", "seed_everything", "train", "truncate_log"]
+__all__ = ["LEARNERS", "build_learner", "check_resume_config", "train", "truncate_log"]
 
 LEARNERS = TRAIN_LEARNERS
 CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
@@ -174,17 +174,6 @@ def truncate_log(log_path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             keep.append(line + "\n")
     atomic_write_text(log_path, "".join(keep))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, NumPy and Python's ``random`` from one run seed (all three are checkpointed)."""
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
