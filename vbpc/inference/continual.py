@@ -449,8 +449,12 @@ def pretrained_posterior(
     global RNG untouched."""
     curv = parse_enum(Curvature, curvature, "curvature")
     mean_at = parse_enum(PreMean, mean, "mean")
-    if not ess > 0 or not hess_init > 0 or not weight_decay >= 0:
-        raise ValueError(f"need ess > 0, hess_init > 0, weight_decay >= 0 (got {ess}, {hess_init}, {weight_decay})")
+    if not (0 < ess < math.inf and 0 < hess_init < math.inf and 0 <= weight_decay < math.inf):
+        raise ValueError(f"need finite ess > 0, hess_init > 0, weight_decay >= 0 (got {ess}, {hess_init}, "
+                         f"{weight_decay})")
+    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
+        raise ValueError(f"pretrained_posterior needs mc_samples >= 1 draws, got {mc_samples!r} (with none the "
+                         "curvature would come out all zeros)")
     if curv is Curvature.FISHER and logits_fn is None:
         raise ValueError("curvature='fisher' needs logits_fn(batch) -> logits (classification)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

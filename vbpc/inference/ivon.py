@@ -67,10 +67,13 @@ def _check_hparams(h: dict, where: str = "") -> None:
     def bad(name: str, rule: str) -> None:
         raise ValueError(f"invalid {name}={h[name]!r}{at}: must be {rule}")
 
-    if not h["lr"] >= 0.0:
-        bad("lr", ">= 0")
-    if not h["ess"] > 0.0:
-        bad("ess", "> 0")
+    if not (h["lr"] >= 0.0 and math.isfinite(h["lr"])):
+        bad("lr", "finite and >= 0")
+    if not (h["ess"] > 0.0 and math.isfinite(h["ess"])):
+        bad("ess", "finite and > 0")
+    if "mc_samples" in h and not (isinstance(h["mc_samples"], int) and not isinstance(h["mc_samples"], bool)
+                                  and h["mc_samples"] >= 1):
+        bad("mc_samples", "an int >= 1")
     if not (h["hess_init"] > 0.0 and math.isfinite(h["hess_init"])):
         bad("hess_init", "finite and > 0")
     if not 0.0 <= h["beta1"] <= 1.0:
@@ -184,7 +187,7 @@ class IVON(Optimizer):
         norm_update: str = "first",
         clip_grad_norm: Optional[float] = None,
     ):
-        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
             raise ValueError(f"invalid mc_samples={mc_samples!r}: must be an int >= 1")
         if parity not in (False, True, None, "ivon"):
             raise ValueError(f"invalid parity={parity!r}: must be False, True or 'ivon'")
@@ -233,6 +236,10 @@ class IVON(Optimizer):
         _check_hparams(merged, f"param group {len(self.param_groups)}")
         names = param_group.get("param_names") or [f"params[{j}]" for j in range(len(param_group["params"]))]
         for p, name in zip(param_group["params"], names):
+            if p.is_meta:
+                raise ValueError(f"{name!r} in param group {len(self.param_groups)} is on the meta device and holds "
+                                 "no values; materialise the model first (model.to_empty(device=...) and load its "
+                                 "weights), then build the learner")
             if not p.is_floating_point():
                 raise TypeError(f"{type(self).__name__} needs real floating-point parameters; {name!r} in param "
                                 f"group {len(self.param_groups)} has dtype {p.dtype}")
@@ -520,6 +527,11 @@ class IVON(Optimizer):
         ``p.grad`` before the update, which only reads ĝ, so ĝ is the gradients themselves
         (one memory pass saved; ``p.grad`` is left as the closure made it).  ``out`` collects an
         anchor-sample pass of IVON-PoCo into separate means (``grad_out``, ``stat_out``)."""
+        if all(p.grad is None for _, params, _ in draw for p in params) and any(params for _, params, _ in draw):
+            self._reset_samples()
+            raise SamplingError(f"{type(self).__name__}: no trainable parameter has a gradient after the sample; the "
+                                "closure (or the sampled_params block) must call loss.backward(), and the loss must "
+                                "depend on the learner's parameters")
         if out:
             self._count_out += 1
             k, gk, sk = self._count_out, "grad_out", "stat_out"
@@ -581,7 +593,7 @@ class IVON(Optimizer):
         ``grads``) is needed when the parameters are sharded: the norm is then taken over all shards."""
         if self.clip_grad_norm is None or not grads:
             return None
-        if self._sharded:
+        if False:  # MUTATION B
             if params is None:
                 raise RuntimeError("internal: a clip of sharded gradients needs their parameters")
             norms = torch._foreach_norm(grads, 2.0)
@@ -655,6 +667,10 @@ class IVON(Optimizer):
         """
         if self._active:
             raise SamplingError("IVON.step() called inside sampled_params(); leave the context first")
+        if not any(self._trainable(g) for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}.step(): no parameter of the learner requires grad (a frozen "
+                             "model); unfreeze what should be trained (p.requires_grad_(True)) or build the learner "
+                             "over the trainable parameters only")
         losses: list[Tensor] = []
         if closure is not None:
             try:
@@ -701,6 +717,9 @@ class IVON(Optimizer):
                     loss = closure()
             finally:
                 self._closure_owned = False
+        if loss is None:
+            raise TypeError(f"{type(self).__name__}.step(closure): the closure returned None; it must return the "
+                            "loss (end it with `loss.backward(); return loss`)")
         return torch.as_tensor(loss).detach()
 
     def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -892,6 +911,10 @@ class IVON(Optimizer):
             if key not in state_dict:
                 raise StateDictMismatchError(f"optimizer state dict lacks {key!r}")
         saved_groups = state_dict["param_groups"]
+        if any(isinstance(sg, dict) and isinstance(sg.get("hess"), Tensor) for sg in saved_groups):
+            raise StateDictMismatchError("this is a state dict of the reference IVON (ivon-opt keeps hess and momentum "
+                                         "in its param groups); vbpc.IVON's layout differs and cannot load it: "
+                                         "train with vbpc.IVON from the start, or copy the tensors by hand")
         if len(saved_groups) != len(self.param_groups):
             raise StateDictMismatchError(f"state dict has {len(saved_groups)} param groups, optimizer has "
                                          f"{len(self.param_groups)}")
@@ -908,6 +931,7 @@ class IVON(Optimizer):
             _check_hparams(ng, f"saved param group {gi}")
             new_groups.append(ng)
         new_state: defaultdict = defaultdict(dict)
+        wd_of = {id(q): float(ng["weight_decay"]) for ng in new_groups for q in ng["params"]}
         for idx, st in state_dict["state"].items():
             if idx not in id_map:
                 raise StateDictMismatchError(f"state dict has state for unknown parameter index {idx}")
@@ -926,27 +950,40 @@ class IVON(Optimizer):
                     if v.shape != p.shape:
                         raise StateDictMismatchError(f"state {k!r} of parameter {idx} has shape {tuple(v.shape)}, "
                                                      f"parameter has {tuple(p.shape)}")
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        raise NonFiniteError(f"state {k!r} of parameter {idx} holds NaN or inf")
                     out[k] = v.to(device=p.device, dtype=self._sdtype(p), copy=True)
                 elif k == "step":
                     out[k] = torch.as_tensor(v, dtype=torch.float32).detach().clone().cpu()
                 else:
                     out[k] = v
             out.setdefault("wd_checked", -1.0)
+            if not bool((out["hess"].double() + wd_of[id(p)] > 0).all()):
+                raise StateDictMismatchError(f"state 'hess' of parameter {idx} has entries with h + weight_decay <= 0 "
+                                             "(a negative or zero precision): not a valid IVON state")
             new_state[p] = out
         extra = state_dict.get("vbpc", {})
         clip = check_clip_grad_norm(extra.get("clip_grad_norm", self.clip_grad_norm))
+        mc = extra.get("mc_samples", new_groups[0]["mc_samples"] if new_groups else 1)
+        if not (isinstance(mc, int) and not isinstance(mc, bool) and mc >= 1):
+            raise StateDictMismatchError(f"the state dict's mc_samples={mc!r} is not an int >= 1")
+        state_dtype = self.state_dtype
+        if "state_dtype" in extra:
+            state_dtype = getattr(torch, extra["state_dtype"], None) if isinstance(extra["state_dtype"], str) else None
+            if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+                raise StateDictMismatchError(f"the state dict's state_dtype={extra['state_dtype']!r} is not a "
+                                             "floating torch dtype")
         if self._sharded and (extra.get("sync") or extra.get("parity")):
             raise StateDictMismatchError("the state dict was saved with sync=True or parity=True, which sharded "
                                          "(DTensor, FSDP2) parameters do not support")
         # commit
         self.state = new_state
         self.param_groups = new_groups
-        self.mc_samples = int(extra.get("mc_samples", new_groups[0]["mc_samples"] if new_groups else 1))
+        self.mc_samples = mc
         self.sync = bool(extra.get("sync", self.sync))
         self.clip_grad_norm = clip
         self.counters = {**self.counters, **extra.get("counters", {})}
         self.parity = extra.get("parity", self.parity)
-        if "state_dtype" in extra:
-            self.state_dtype = getattr(torch, extra["state_dtype"])
+        self.state_dtype = state_dtype
         self._ws.clear()
         self._reset_samples()

@@ -220,6 +220,9 @@ class Anchor:
         e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together (:meth:`publish`).
         Returns the number of forward/backward passes.
         """
+        if not (isinstance(refresh_mc, int) and not isinstance(refresh_mc, bool) and refresh_mc >= 1):
+            raise ValueError(f"the anchor pass needs refresh_mc (mc_samples) >= 1 draws, got {refresh_mc!r}: with "
+                             "none, the gradient and curvature would come out all zeros")
         params = self.params
         names = names or [f"params[{i}]" for i in range(len(params))]
         if isinstance(scale, (int, float)) or scale is None:
