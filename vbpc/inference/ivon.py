@@ -593,7 +593,7 @@ class IVON(Optimizer):
         ``grads``) is needed when the parameters are sharded: the norm is then taken over all shards."""
         if self.clip_grad_norm is None or not grads:
             return None
-        if False:  # MUTATION B
+        if self._sharded:
             if params is None:
                 raise RuntimeError("internal: a clip of sharded gradients needs their parameters")
             norms = torch._foreach_norm(grads, 2.0)

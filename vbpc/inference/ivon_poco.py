@@ -436,7 +436,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
             sums.append((torch.sum(g * d, dtype=torch.float64), torch.sum(d * d, dtype=torch.float64)))
             g.sub_(go * a_j).add_(gb.to(g.device, g.dtype) * a_j)  # (ĝ_in − α ĝ_out) + α ḡ_out
             alphas.append(a_j)
-        if False:  # MUTATION C: add the other shards' (one all-reduce)
+        if self._sharded:  # sums over the local shards: add the other shards' (one all-reduce)
             flat = dt.global_sums([x for pair in sums for x in pair], [p for p in ws["params"] for _ in range(2)])
             sums = list(zip(flat[0::2], flat[1::2]))
         for p, (gd, dd) in zip(ws["params"], sums):
