@@ -206,15 +206,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, device: Union[str
 
 
 def _spec(spec: Any) -> Optional[dict[str, Any]]:
-    """A stored model spec checked: ``{"name": str, "kwargs": dict}``.  It never names weights to
-    download or load: the checkpoint holds the weights (a ``weights`` entry is refused)."""
+    """A stored model spec checked: ``{"name": str, "kwargs": dict}``.  Rebuilding from it never
+    downloads or reads weight files: the checkpoint holds the weights, so a ``weights`` entry (the
+    pretrained start of a run) is dropped."""
     if spec is None:
         return None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
             or not isinstance(spec.get("kwargs", {}), dict):
         raise CorruptCheckpointError(f"malformed model spec {spec!r}: expected {{'name': str, 'kwargs': dict}}")
-    kwargs = dict(spec.get("kwargs", {}))
-    if kwargs.get("weights") is not None:
-        raise CorruptCheckpointError("the model spec names pretrained weights; a checkpoint holds its weights "
-                                     "and loading it never downloads or unpickles any")
+    kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "weights"}
     return {"name": spec["name"], "kwargs": kwargs}

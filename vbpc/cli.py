@@ -69,8 +69,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_uncertainty, write_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                         "False); use --device cpu or leave --device out")
     ck = load(args.checkpoint, device=device)
     assert ck.model is not None
+    tasks = (ck.extra.get("config") or {}).get("tasks") if isinstance(ck.extra.get("config"), dict) else None
+    if isinstance(tasks, dict) and tasks.get("scenario") == "split":
+        raise ValueError(f"{args.checkpoint} is a split-task continual checkpoint: each task's logits are masked to "
+                         "its own two classes, and `vbpc evaluate` would score the unmasked 10-way head, which "
+                         "the model never learned; its per-task scores are in the run's results.json")
     data = make_loader(load_dataset(args.data, args.root), args.batch_size, device=device)
     ood = make_loader(load_dataset(args.ood, args.root), args.batch_size, device=device) if args.ood else None
     report = evaluate_uncertainty(ck.model, data, ck.posterior, args.samples, ood_data=ood, label=args.label,

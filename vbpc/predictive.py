@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._enums import parse_enum
+from .errors import NonFiniteError
 from .posterior import GaussianPosterior
 
 __all__ = [
@@ -127,6 +128,16 @@ def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
     return x
+
+
+def check_finite_inputs(inputs: Any) -> None:
+    """Refuse floating-point inputs holding NaN or inf (a prediction from them is meaningless, and a
+    NaN would otherwise flow silently into the metrics)."""
+    values = inputs.values() if isinstance(inputs, Mapping) else (inputs,)
+    for v in values:
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"the inputs to predict hold NaN or inf ({int((~torch.isfinite(v)).sum())} of "
+                                 f"{v.numel()} values); clean or drop those examples first")
 
 
 def _call(model: nn.Module, inputs: Any) -> Tensor:
@@ -247,6 +258,7 @@ def predict_batch(model: nn.Module, inputs: Any, posterior: Optional[GaussianPos
                   return_samples: bool = False) -> Union[Tensor, tuple[Tensor, Optional[Tensor]]]:
     """``log p̄`` of one batch (float32 or wider, classes last); with ``return_samples`` also the
     per-sample log-softmax stack ``(S, B, ..., C)`` (``None`` for the mean predictor)."""
+    check_finite_inputs(inputs)
     was = model.training
     model.eval()
     try:
@@ -349,6 +361,7 @@ def predict(
         for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
             inputs, y = _split_batch(batch)
             inputs = _to(inputs, dev)
+            check_finite_inputs(inputs)
             seen += 1
             if sampler is None:
                 stack = None

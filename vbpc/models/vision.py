@@ -105,3 +105,21 @@ def torchvision_classifier(name: str, num_classes: int = 10, in_channels: int = 
 
     model = torchvision.models.get_model(name, weights=weights, **kwargs)
     return adapt_classifier(model, num_classes, in_channels, small_inputs)
+
+
+def load_local_weights(model: nn.Module, path: Any) -> nn.Module:
+    """Load a state dict from a local file into ``model`` (strict): ``.safetensors``, or a
+    ``torch.save`` file read with ``weights_only=True`` (tensors only: no code is unpickled)."""
+    import os
+
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    model.load_state_dict(state, strict=True)
+    return model
