@@ -215,7 +215,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is too large for a float") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -227,14 +230,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 Check = Any  # (value, key) -> value (possibly normalised); raises ConfigError
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _positive(value: Any, key: str) -> Any:
-    if value is not None and not (value > 0 and math.isfinite(value)):
+    if value is not None and not (value > 0 and _finite(value)):
         raise ConfigError(f"{key} must be > 0{' and finite' if isinstance(value, float) else ''}, got {value!r}")
     return value
 
 
 def _nonneg(value: Any, key: str) -> Any:
-    if value is not None and not (value >= 0 and math.isfinite(value)):
+    if value is not None and not (value >= 0 and _finite(value)):
         raise ConfigError(f"{key} must be >= 0{' and finite' if isinstance(value, float) else ''}, got {value!r}")
     return value
 
