@@ -136,7 +136,17 @@ def _sharded_run(rank: int, kind: str, seed: int) -> dict:
                        **{k: (type(st[k]).__name__, st[k].numel(), st[k].to_local().numel(), st[k].placements == p.placements)
                           for k in ("hess", "momentum")}})
     anchor = getattr(opt, "anchor", None)
+    # the state dict holds the DTensors (each rank its shards) and loads into a new learner
+    again = KINDS[kind](params)
+    again.load_state_dict(opt.state_dict())
+    reloaded = all(isinstance(again.state[p][k], DTensor) and torch.equal(again.state[p][k].to_local(),
+                                                                          opt.state[p][k].to_local())
+                   for p in params for k in ("hess", "momentum"))
+    if anchor is not None:
+        reloaded = reloaded and all(torch.equal(u.to_local(), v.to_local())
+                                    for u, v in zip(again.anchor.grad + again.anchor.hess, anchor.grad + anchor.hess))
     res = {
+        "reloaded": reloaded,
         "losses": losses, "layout": layout, "noise_numel": sum(b.numel() for b in opt._ws[0]["z"].values()),
         "warnings": [str(w.message) for w in caught],
         "params": [_full(p.detach()) for p in params],
@@ -149,6 +159,34 @@ def _sharded_run(rank: int, kind: str, seed: int) -> dict:
         res["anchor_local"] = [(type(t).__name__, t.to_local().numel()) for t in anchor.grad + anchor.hess]
         res["alpha"] = opt.alpha_estimates()
     return res
+
+
+def _nonfinite_run(rank: int) -> dict:
+    """Rank 0's closure returns a NaN loss with finite gradients: only rank 0 sees it, yet every rank
+    must skip the step and raise (a rank that went on alone would wait forever in the next collective)."""
+    x, y = _data()
+    model = _model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    params = list(model.parameters())
+    opt = KINDS["ivon-mc1"](params)
+    torch.manual_seed(NOISE_SEED + rank)
+    _train(model, opt, x, y, [rank])
+    before = [_full(p.detach()) for p in params]
+    xb, yb = _batch(x, y, [rank], 0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss * float("nan") if rank == 0 else loss
+    try:
+        opt.step(closure)
+        error = None
+    except vbpc.NonFiniteError as e:
+        error = str(e)
+    return {"error": error, "unchanged": all(torch.equal(a, _full(p.detach())) for a, p in zip(before, params))}
 
 
 def _missing_collectives() -> str:
@@ -177,6 +215,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             for kind in KINDS:
                 res[kind] = _sharded_run(rank, kind, NOISE_SEED + rank)
             res["same-seed"] = _sharded_run(rank, "ivon-mc1", NOISE_SEED)  # identically seeded ranks
+            res["nonfinite"] = _nonfinite_run(rank)
         torch.save(res, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -278,8 +317,16 @@ def test_every_rank_holds_only_its_shard_of_the_state(sharded):
             assert sharded[r][kind]["noise_numel"] == sum(e["param"][1] for e in per_rank[r])
             for typ, n in sharded[r][kind].get("anchor_local", []):
                 assert typ == "DTensor"
+            assert sharded[r][kind]["reloaded"]  # state_dict() -> load_state_dict() keeps the shards
 
 
 def test_identically_seeded_ranks_are_warned_about(sharded):
     for r in range(WORLD):
         assert any("identical weight noise" in w for w in sharded[r]["same-seed"]["warnings"])
+
+
+def test_a_non_finite_loss_on_one_rank_stops_the_step_on_every_rank(sharded):
+    r0, r1 = sharded[0]["nonfinite"], sharded[1]["nonfinite"]
+    assert r0["error"] is not None and "non-finite loss" in r0["error"]
+    assert r1["error"] is not None and "another rank" in r1["error"]
+    assert r0["unchanged"] and r1["unchanged"]
