@@ -747,3 +747,33 @@ def test_46_run_directory_lock_names_the_holder(tmp_path):
                 pass
     with run_lock(tmp_path, "vbpc continual"):  # released on exit
         pass
+
+
+def test_47_vsgd_poco_closures_and_learning_rates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match="invalid lr=inf"):
+        vbpc.SVRG(model.parameters(), lr=float("inf"), anchor_period=5)
+    opt = vbpc.SVRG(model.parameters(), lr=0.1, anchor_period=5)
+    opt.refresh(lambda b: F.cross_entropy(model(b[0]), b[1]), [(x, y)], progress=False)
+    opt.step(_closure(model, opt, x, y))
+    snap = _snap(model, opt)
+
+    def no_backward():
+        opt.zero_grad()
+        return F.cross_entropy(model(x), y)
+
+    def returns_none():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    with pytest.raises(SamplingError, match="must call loss.backward\\(\\)"):
+        opt.step(no_backward)
+    with pytest.raises(TypeError, match="SVRG.step\\(closure\\): the closure returned None"):
+        opt.step(returns_none)
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(ValueError, match="invalid lr=inf in param group 0"):
+        opt.step(_closure(model, opt, x, y))
+    opt.param_groups[0]["lr"] = 0.1
+    assert _unchanged(model, opt, snap)

@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
+from .closures import closure_loss, require_grads
 from ..functional import (
     check_clip_grad_norm,
     clip_coef,
@@ -527,11 +528,11 @@ class IVON(Optimizer):
         ``p.grad`` before the update, which only reads ĝ, so ĝ is the gradients themselves
         (one memory pass saved; ``p.grad`` is left as the closure made it).  ``out`` collects an
         anchor-sample pass of IVON-PoCo into separate means (``grad_out``, ``stat_out``)."""
-        if all(p.grad is None for _, params, _ in draw for p in params) and any(params for _, params, _ in draw):
+        try:
+            require_grads((p for _, params, _ in draw for p in params), type(self).__name__)
+        except SamplingError:
             self._reset_samples()
-            raise SamplingError(f"{type(self).__name__}: no trainable parameter has a gradient after the sample; the "
-                                "closure (or the sampled_params block) must call loss.backward(), and the loss must "
-                                "depend on the learner's parameters")
+            raise
         if out:
             self._count_out += 1
             k, gk, sk = self._count_out, "grad_out", "stat_out"
@@ -717,10 +718,7 @@ class IVON(Optimizer):
                     loss = closure()
             finally:
                 self._closure_owned = False
-        if loss is None:
-            raise TypeError(f"{type(self).__name__}.step(closure): the closure returned None; it must return the "
-                            "loss (end it with `loss.backward(); return loss`)")
-        return torch.as_tensor(loss).detach()
+        return closure_loss(loss, type(self).__name__)
 
     def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
         """One MC sample of ``step(closure)``: draw, evaluate, collect; returns the loss."""

@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from .. import _dtensor as dt
+from .closures import closure_loss, require_grads
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import check_clip_grad_norm, clip_coef, poco_correct_
 from ..nn.norm import RunningStatsGuard, preserved_running_stats
@@ -474,8 +475,9 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         clip_grad_norm: Optional[float] = None,
     ):
         checks = [
-            ("lr", lr, lr >= 0), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
-            ("weight_decay", weight_decay, weight_decay >= 0), ("momentum", momentum, 0 <= momentum < 1),
+            ("lr", lr, lr >= 0 and math.isfinite(lr)), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
+            ("weight_decay", weight_decay, weight_decay >= 0 and math.isfinite(weight_decay)),
+            ("momentum", momentum, 0 <= momentum < 1),
             ("anchor_noise", anchor_noise, anchor_noise in ANCHOR_NOISE),
             ("megabatch_size", megabatch_size, megabatch_size is None or megabatch_size >= 1),
         ]
@@ -530,6 +532,9 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
         evaluations, i.e. examples × passes (2 per corrected step, 1 otherwise; §6.4)."""
         if closure is None:
             raise SamplingError("VSGDPoCo.step needs a closure (it evaluates the same batch twice)")
+        for gi, group in enumerate(self.param_groups):  # schedulers act at once: re-check before any state change
+            if not (0.0 <= group["lr"] < math.inf):
+                raise ValueError(f"invalid lr={group['lr']!r} in param group {gi}: must be finite and >= 0")
         self._check_refresh()
         params, names = self._params(), self._names()
         alpha = self.alpha
@@ -551,9 +556,9 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
 
         with perturbation(params, names, "VSGDPoCo.step", at(None, z, sigma)), self._norm(first=True):
             with torch.enable_grad():
-                loss = closure()
+                loss = closure_loss(closure(), type(self).__name__)
+            require_grads(params, type(self).__name__)
             g_in = self._grads(params)
-        loss = torch.as_tensor(loss).detach()
         distributed = self.sync and ranks.active()
         finite = [bool(torch.isfinite(loss).all())]
         if not distributed and not finite[0]:
@@ -569,7 +574,8 @@ class VSGDPoCo(CorrectionSchedule, Optimizer):
             with perturbation(params, names, "VSGDPoCo.step (anchor)", at(anchor_mean, z_out, self.anchor.sigma)), \
                     self._norm(first=False, anchor=True):
                 with torch.enable_grad():
-                    loss_out = closure()
+                    loss_out = closure_loss(closure(), type(self).__name__)
+                require_grads(params, type(self).__name__)
                 g_out = self._grads(params)
             restore_rng(rng1)
             passes += 1
