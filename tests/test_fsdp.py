@@ -133,8 +133,8 @@ def _sharded_run(rank: int, kind: str, seed: int) -> dict:
     for p in params:
         st = opt.state[p]
         layout.append({"param": (p.numel(), p.to_local().numel()),
-                       **{k: (type(st[k]).__name__, st[k].numel(), st[k].to_local().numel(), st[k].placements == p.placements)
-                          for k in ("hess", "momentum")}})
+                       **{k: (type(st[k]).__name__, st[k].numel(), st[k].to_local().numel(),
+                              st[k].placements == p.placements) for k in ("hess", "momentum")}})
     anchor = getattr(opt, "anchor", None)
     # the state dict holds the DTensors (each rank its shards) and loads into a new learner
     again = KINDS[kind](params)
@@ -315,8 +315,7 @@ def test_every_rank_holds_only_its_shard_of_the_state(sharded):
         # the noise buffer is as large as the rank's shards, not the full model
         for r in range(WORLD):
             assert sharded[r][kind]["noise_numel"] == sum(e["param"][1] for e in per_rank[r])
-            for typ, n in sharded[r][kind].get("anchor_local", []):
-                assert typ == "DTensor"
+            assert all(typ == "DTensor" for typ, _ in sharded[r][kind].get("anchor_local", []))
             assert sharded[r][kind]["reloaded"]  # state_dict() -> load_state_dict() keeps the shards
 
 

@@ -404,7 +404,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
         else:
             poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
         if self.proximal:  # eq. (23), added to g̃ (ĥ_out is still intact): α(h̄ − ĥ_out)⊙(m − m_out)
-            for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], self._loc(a.mean[o:o + n])):  # type: ignore[index]
+            m_outs = self._loc(a.mean[o:o + n])  # type: ignore[index]
+            for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], m_outs):
                 mean = dt.local(self.state[p].get("mean", p))
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
         if not self.correct_hessian:
