@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import yaml
 
 __all__ = ["ConfigError", "TrainConfig", "ContinualConfig", "TasksConfig", "MergeConfig", "from_dict", "load_config",
-           "to_dict", "safe_load_yaml"]
+           "to_dict", "read_yaml_file", "safe_load_yaml"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -387,7 +387,7 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _read_yaml_file(path: PathLike) -> dict[str, Any]:
+def read_yaml_file(path: PathLike) -> dict[str, Any]:
     """The top-level mapping of a YAML file; anything else (a directory, a binary file, a list, bad
     YAML) is a :class:`ConfigError` naming the file."""
     path = os.path.expanduser(os.fspath(path))
@@ -418,7 +418,7 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[list[str]] 
     commands pass theirs)."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = _read_yaml_file(path)
+        tree = read_yaml_file(path)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

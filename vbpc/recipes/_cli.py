@@ -13,9 +13,7 @@ import difflib
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-import yaml
-
-from ..config import ConfigError
+from ..config import ConfigError, read_yaml_file, safe_load_yaml
 
 __all__ = ["add_common_arguments", "parse_recipe_args", "apply_config"]
 
@@ -58,17 +56,13 @@ def apply_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     updates: dict[str, Any] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
     if getattr(args, "config", None):
-        with open(args.config, encoding="utf-8") as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{args.config}: a recipe config is a mapping of option names to values")
-        layers.append(("config", tree))
+        layers.append(("config", read_yaml_file(args.config)))
     sets: dict[str, Any] = {}
     for item in getattr(args, "set", None) or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        sets[key.strip()] = yaml.safe_load(raw)
+        sets[key.strip()] = safe_load_yaml(raw)
     layers.append(("set", sets))
     for where, tree in layers:
         for key, value in tree.items():
