@@ -100,5 +100,6 @@ def test_cli_merge_checkpoints(tmp_path, capsys):
     net = MLP(4, (5,), 2)
     checkpoint.save(other, net, DiagonalGaussian.from_module(net, precision=1.0),
                     spec={"name": "mlp", "kwargs": {"in_features": 4, "hidden": [5], "out_features": 2}})
+    assert cli(["merge", paths[0], str(other)]) == 2  # a one-line error, exit 2
     with pytest.raises(StateDictMismatchError, match="one architecture"):
-        cli(["merge", paths[0], str(other)])
+        cli(["--debug", "merge", paths[0], str(other)])
