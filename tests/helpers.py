@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ce_closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0):

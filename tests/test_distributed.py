@@ -4,7 +4,6 @@ posterior; per-rank samples are extra MC samples; the drifting configuration is 
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import pytest
@@ -15,16 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import vbpc
+from helpers import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -98,7 +92,7 @@ def _worker(rank: int, port: int, kind: str, same_seed: bool, sync: bool, out: s
 
 
 def _run(tmp_path, kind, same_seed, sync):
-    mp.spawn(_worker, args=(_free_port(), kind, same_seed, sync, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), kind, same_seed, sync, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 

@@ -24,7 +24,6 @@ fails :func:`test_sharded_training_equals_the_unsharded_run`; one whose state wa
 from __future__ import annotations
 
 import datetime
-import socket
 import warnings
 from typing import Callable
 
@@ -36,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import vbpc
+from helpers import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -65,12 +65,6 @@ KINDS: dict[str, Callable] = {
                                                          anchor_noise="independent", proximal=True),
     "poco-optimal-running": lambda ps: vbpc.IVONPoCo(ps, **POCO_KW, alpha_mode="optimal", anchor_update="running"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -112,6 +106,15 @@ def _train(model, opt, x, y, ranks) -> list[float]:
     return losses
 
 
+def _sharded_model():
+    """The test MLP with ``fully_shard`` on each linear layer and at the root, and its parameters."""
+    model = _model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model, list(model.parameters())
+
+
 def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t.clone()
 
@@ -119,11 +122,7 @@ def _full(t):
 # ----------------------------------------------------------------------------- the ranks
 def _sharded_run(rank: int, kind: str, seed: int) -> dict:
     x, y = _data()
-    model = _model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    params = list(model.parameters())
+    model, params = _sharded_model()
     opt = KINDS[kind](params)
     torch.manual_seed(seed)  # the weight noise: this rank's shards
     with warnings.catch_warnings(record=True) as caught:
@@ -165,11 +164,7 @@ def _nonfinite_run(rank: int) -> dict:
     """Rank 0's closure returns a NaN loss with finite gradients: only rank 0 sees it, yet every rank
     must skip the step and raise (a rank that went on alone would wait forever in the next collective)."""
     x, y = _data()
-    model = _model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    params = list(model.parameters())
+    model, params = _sharded_model()
     opt = KINDS["ivon-mc1"](params)
     torch.manual_seed(NOISE_SEED + rank)
     _train(model, opt, x, y, [rank])
@@ -224,7 +219,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     res = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
     if res[0]["missing"]:
         pytest.skip(f"gloo lacks FSDP2's collectives: {res[0]['missing']}")

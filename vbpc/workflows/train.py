@@ -216,10 +216,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 (out / f).unlink()
         if opt is None:
             return _train_bbb(cfg, model, data, n, out, path)
-        return _train(cfg, model, opt, sched, data, n, spe, total, out, path, device, resume)
+        return _train(cfg, model, opt, sched, data, spe, total, out, path, device, resume)
 
 
-def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Any, n: int, spe: int,
+def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Any, spe: int,
            total: int, out: Path, path: Path, device: torch.device, resume: bool) -> dict[str, Any]:
     """The training loop of :func:`train` (under the run lock, after every check)."""
     step = 0
