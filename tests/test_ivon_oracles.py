@@ -326,6 +326,7 @@ def test_o12_edge_cases_frozen_none_grad_add_group_0d():
     assert not torch.equal(unused, torch.ones(3))  # decayed by the prior with a zero gradient (fix 3)
     extra = nn.Linear(3, 2)
     opt.add_param_group({"params": extra.parameters(), "lr": 0.01})  # fix 7
+    opt.zero_grad()  # the last closure's gradients would be a stale sample (the foreign-gradient check)
     with opt.sampled_params(train=True):
         extra(torch.randn(2, 3)).sum().backward()
     opt.step()

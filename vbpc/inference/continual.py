@@ -285,12 +285,14 @@ class ContinualIVON(IVONPoCo):
         """Not supported: a step needs the new batch and the memory together (``step(closure, memory=)``)."""
         raise SamplingError("ContinualIVON collects its samples in step(closure, memory=...); sample() is IVON-PoCo's")
 
-    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _closure_sample(self, closure: Callable[[], Tensor], noop_ok: bool = False) -> Optional[Tensor]:
         if self.correction:
-            return super()._closure_sample(closure)
+            return super()._closure_sample(closure, noop_ok)
         draw, ctx = self._sample_context("ContinualIVON.step")
+        watch = self._watch(draw)
         with self._norm(first=self._count == 0):
-            loss = self._run_closure(self._scaled_new(closure), ctx)
+            loss = self._run_closure(self._scaled_new(closure), ctx, watch)
+        self._check_foreign(watch)
         self._collect(draw)
         return loss
 

@@ -33,6 +33,8 @@ from torch.optim import Optimizer
 from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .closures import closure_loss, require_grads
+from .gradwatch import FOREIGN_GRADS, GradWatch
+from .rng import capture_rng, restore_rng
 from ..functional import (
     check_clip_grad_norm,
     clip_coef,
@@ -187,7 +189,10 @@ class IVON(Optimizer):
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
         clip_grad_norm: Optional[float] = None,
+        foreign_grads: str = "error",
     ):
+        if foreign_grads not in FOREIGN_GRADS:
+            raise ValueError(f"invalid foreign_grads={foreign_grads!r}: must be one of {FOREIGN_GRADS}")
         if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
             raise ValueError(f"invalid mc_samples={mc_samples!r}: must be an int >= 1")
         if parity not in (False, True, None, "ivon"):
@@ -202,6 +207,7 @@ class IVON(Optimizer):
         _check_hparams(defaults, "the constructor")
         self.mc_samples = mc_samples
         self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+        self.foreign_grads = foreign_grads
         self.counters: dict[str, int] = {"clipped_steps": 0}
         self._clipped = False  # a clip factor below 1 was applied to the pending step
         self.sync = bool(sync)
@@ -508,16 +514,22 @@ class IVON(Optimizer):
             for _, params, _ in draw:
                 for p in params:
                     p.grad = None
+        watch = self._watch(draw) if train else None
         with ctx:
             self._active = True
             try:
-                yield
+                if watch is None:
+                    yield
+                else:
+                    with watch:
+                        yield
             finally:
                 self._active = False
         if train:
             if skip_nonfinite and not self._finite_grads(draw):
                 self.skipped_samples += 1
                 return
+            self._check_foreign(watch)
             self._collect(draw)
 
     def _collect(self, draw: list[tuple[int, list[Tensor], list[Tensor]]], alias: bool = False,
@@ -640,6 +652,25 @@ class IVON(Optimizer):
             return True  # one host sync; the exact check only when a sum is not finite
         return all(bool(torch.isfinite(g).all()) for g in grads)
 
+    def _watch(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]) -> Optional[GradWatch]:
+        """A :class:`~vbpc.inference.gradwatch.GradWatch` over the sample's parameters (``None`` when
+        they are sharded: FSDP2 assigns their gradients outside autograd's hooks)."""
+        if self._sharded:
+            return None
+        targets = [p for _, ps, _ in draw for p in ps]
+        return GradWatch(targets, lambda: self._names(targets))
+
+    def _check_foreign(self, watch: Optional[GradWatch]) -> None:
+        """Refuse (or, with ``foreign_grads="warn"``, report) gradients that do not belong to the sample."""
+        msg = None if watch is None else watch.problem(type(self).__name__)
+        if msg is None:
+            return
+        if self.foreign_grads == "warn":
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            return
+        self._reset_samples()
+        raise SamplingError(msg)
+
     def _reset_samples(self) -> None:
         for ws in self._acc.values():
             ws["ghat"] = None  # drop references to aliased gradients
@@ -675,8 +706,11 @@ class IVON(Optimizer):
         losses: list[Tensor] = []
         if closure is not None:
             try:
-                for _ in range(self.mc_samples):
-                    losses.append(self._closure_sample(closure))
+                for k in range(self.mc_samples):
+                    loss = self._closure_sample(closure, noop_ok=k == 0 and self._count > 0)
+                    if loss is None:  # a framework's placeholder closure: the collected samples only
+                        break
+                    losses.append(loss)
             except BaseException:
                 self._reset_samples()
                 raise
@@ -709,23 +743,44 @@ class IVON(Optimizer):
             return None
         return sum(losses[1:], losses[0]) / len(losses)
 
-    def _run_closure(self, closure: Callable[[], Tensor], ctx: Any) -> Tensor:
-        """Evaluate ``closure`` inside a sampling context it may not re-enter (§2.2: it owns it)."""
+    def _run_closure(self, closure: Callable[[], Tensor], ctx: Any, watch: Optional[GradWatch] = None,
+                     raw: bool = False) -> Any:
+        """Evaluate ``closure`` inside a sampling context it may not re-enter (§2.2: it owns it),
+        watching which gradients reach the sample; ``raw`` returns what the closure returned."""
         with ctx:
             self._closure_owned = True
             try:
                 with torch.enable_grad():
-                    loss = closure()
+                    if watch is None:
+                        loss = closure()
+                    else:
+                        with watch:
+                            loss = closure()
             finally:
                 self._closure_owned = False
-        return closure_loss(loss, type(self).__name__)
+        return loss if raw else closure_loss(loss, type(self).__name__)
 
-    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One MC sample of ``step(closure)``: draw, evaluate, collect; returns the loss."""
+    def _closure_sample(self, closure: Callable[[], Tensor], noop_ok: bool = False) -> Optional[Tensor]:
+        """One MC sample of ``step(closure)``: draw, evaluate, collect; returns the loss.
+
+        ``noop_ok`` (``step(closure)`` with samples already collected): a placeholder closure that
+        returns ``None`` and runs no backward pass (what Lightning's ``LightningOptimizer.step()`` passes
+        under manual optimization) is not a sample: nothing is collected, the random state is put
+        back as it was, and ``None`` is returned."""
+        rng = capture_rng() if noop_ok else None
         draw, ctx = self._sample_context("IVON.step")
+        watch = self._watch(draw)
+        grads = [p.grad for _, ps, _ in draw for p in ps] if noop_ok else None
         with self._norm(first=self._count == 0):
-            loss = self._run_closure(closure, ctx)
-        self._collect(draw, alias=self.mc_samples == 1 and not self.parity and not self.sync)
+            loss = self._run_closure(closure, ctx, watch, raw=noop_ok)
+        if noop_ok:
+            if loss is None and not (watch is not None and watch.any_backward) and all(
+                    p.grad is g for p, g in zip((p for _, ps, _ in draw for p in ps), grads)):
+                restore_rng(rng)
+                return None
+            loss = closure_loss(loss, type(self).__name__)
+        self._check_foreign(watch)
+        self._collect(draw, alias=self.mc_samples == 1 and self._count == 0 and not self.parity and not self.sync)
         return loss
 
     def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:

@@ -37,6 +37,7 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
 from . import distributed as ranks
+from .gradwatch import GradWatch
 from .ivon import IVON
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
 from .rng import capture_rng, restore_rng
@@ -188,6 +189,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
         self._alpha_now = 0.0
         self._anchor_pass = False
+        self._in_anchor = False  # the closure is running at the anchor sample (see in_anchor_pass)
         self._pairs = 0  # samples collected by sample() for the next step()
 
     def _clip_mode(self) -> str:
@@ -257,6 +259,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
             raise ValueError("anchor_update='running' needs step(..., batch_size=len(batch)): the batch's weight "
                              "in the running anchor mean")
         self._batch_now = None if batch_size is None else int(batch_size)
+        if closure is not None and self._pairs and self._placeholder(closure):
+            closure = None  # Lightning's LightningOptimizer.step() under manual optimization
         if closure is None:
             if not self._pairs:
                 raise SamplingError("IVONPoCo.step needs a closure (it evaluates the same batch twice), or "
@@ -278,9 +282,30 @@ class IVONPoCo(CorrectionSchedule, IVON):
         return loss
 
     @property
+    def in_anchor_pass(self) -> bool:
+        """``True`` while the closure runs at the anchor sample.  A training step can skip side effects
+        there (metric updates, logging: :class:`vbpc.integrations.lightning.VBCallback` drops
+        ``LightningModule.log`` calls made in the anchor pass)."""
+        return self._in_anchor
+
+    @property
     def pending_samples(self) -> int:
         """Samples collected by :meth:`sample` for the next ``step()``."""
         return self._pairs
+
+    def _placeholder(self, closure: Callable[[], Any]) -> bool:
+        """Whether ``closure`` is a framework's placeholder: it returns ``None`` and runs no backward pass
+        (evaluated once at the mean weights, the random state put back)."""
+        params = self._anchor_params()
+        grads = [p.grad for p in params]
+        rng = capture_rng()
+        watch = GradWatch(params, lambda: self._names(params))
+        try:
+            with torch.enable_grad(), watch:
+                out = closure()
+        finally:
+            restore_rng(rng)
+        return out is None and not watch.any_backward and all(p.grad is g for p, g in zip(params, grads))
 
     def _begin_step(self) -> None:
         """Fix α_t and whether the anchor pass runs, once per step."""
@@ -306,23 +331,31 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self._pairs += 1
         return loss
 
-    def _closure_sample(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _closure_sample(self, closure: Callable[[], Tensor], noop_ok: bool = False) -> Optional[Tensor]:
         if not self._anchor_pass:
-            return super()._closure_sample(closure)
+            return super()._closure_sample(closure, noop_ok)
         draw, ctx = self._sample_context("IVONPoCo.step")
         rng0 = capture_rng()
         in_closure, out_closure = self._pass_closures(closure)
+        watch = self._watch(draw)
         with self._norm(first=self._count == 0):
-            loss = self._run_closure(in_closure, ctx)
+            loss = self._run_closure(in_closure, ctx, watch)
+        self._check_foreign(watch)
         self._collect(draw)
         rng1 = capture_rng()
         restore_rng(rng0)
         try:
             out_draw, out_ctx = self._anchor_context(draw)
-            with self._norm(first=False, anchor=True):
-                loss_out = self._run_closure(out_closure, out_ctx)
+            watch = self._watch(out_draw)
+            self._in_anchor = True
+            try:
+                with self._norm(first=False, anchor=True):
+                    loss_out = self._run_closure(out_closure, out_ctx, watch)
+            finally:
+                self._in_anchor = False
         finally:
             restore_rng(rng1)
+        self._check_foreign(watch)
         if not bool(torch.isfinite(loss_out).all()):
             raise NonFiniteError(f"the closure returned a non-finite loss ({loss_out.item()}) at the anchor "
                                  "sample; the step was skipped and no state changed")
