@@ -19,6 +19,8 @@ trajectories equal the reference's bit for bit (fp32 and fp64).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
 from collections import defaultdict
@@ -102,6 +104,27 @@ def _picker(idx: list[int]) -> Callable[[list[Tensor]], list[Tensor]]:
         return xs if len(idx) == len(xs) else [xs[i] for i in idx]
 
     return pick
+
+
+def _forwarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a public method on the learner itself when it is called through a wrapper that subclasses the
+    learner's class and forwards attribute reads (Lightning's ``LightningOptimizer`` from
+    ``self.optimizers()``): writes on the wrapper would split the learner's state in two."""
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        real = getattr(self, "_vbpc_self", self)
+        if real is not self:
+            return getattr(real, fn.__name__)(*args, **kwargs)
+        return fn(self, *args, **kwargs)
+
+    method.__vbpc_forwarded__ = True  # type: ignore[attr-defined]
+    return method
+
+
+def _forward_public(cls: type) -> None:
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(fn) and not getattr(fn, "__vbpc_forwarded__", False):
+            setattr(cls, name, _forwarded(fn))
 
 
 class IVON(Optimizer):
@@ -191,6 +214,7 @@ class IVON(Optimizer):
         clip_grad_norm: Optional[float] = None,
         foreign_grads: str = "error",
     ):
+        self._vbpc_self = self  # read through forwarding wrappers (see _forwarded)
         if foreign_grads not in FOREIGN_GRADS:
             raise ValueError(f"invalid foreign_grads={foreign_grads!r}: must be one of {FOREIGN_GRADS}")
         if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
@@ -226,6 +250,10 @@ class IVON(Optimizer):
         self._sharded = False  # some parameter is a DTensor (FSDP2): kernels run on local shards
         self._noise_checked = False  # the once-only check that shards draw different noise
         super().__init__(params, defaults)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _forward_public(cls)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1040,3 +1068,6 @@ class IVON(Optimizer):
         self.state_dtype = state_dtype
         self._ws.clear()
         self._reset_samples()
+
+
+_forward_public(IVON)

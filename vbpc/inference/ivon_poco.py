@@ -189,6 +189,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
         self._alpha_now = 0.0
         self._anchor_pass = False
+        self._batch_hint: Optional[int] = None  # set_batch_size: the next step's batch size
         self._in_anchor = False  # the closure is running at the anchor sample (see in_anchor_pass)
         self._pairs = 0  # samples collected by sample() for the next step()
 
@@ -255,6 +256,9 @@ class IVONPoCo(CorrectionSchedule, IVON):
 
         ``batch_size`` (optional) feeds ``counters["inner_examples"]`` (gradient evaluations); it is
         required with ``anchor_update="running"`` (the weight of the batch in the anchor mean)."""
+        if batch_size is None:
+            batch_size = self._batch_hint
+        self._batch_hint = None
         if batch_size is None and self.anchor_update == "running":
             raise ValueError("anchor_update='running' needs step(..., batch_size=len(batch)): the batch's weight "
                              "in the running anchor mean")
@@ -280,6 +284,14 @@ class IVONPoCo(CorrectionSchedule, IVON):
             self.counters["inner_examples"] += passes * int(batch_size)
         self.t += 1
         return loss
+
+    def set_batch_size(self, batch_size: Optional[int]) -> None:
+        """The batch size of the next ``step()`` when the code that calls ``step`` cannot pass it (a
+        framework's loop: :class:`vbpc.integrations.lightning.VBCallback`, :class:`~vbpc.integrations.hf.VBTrainer`);
+        it feeds ``counters["inner_examples"]`` and the running anchor mean, and is used once."""
+        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"invalid batch_size={batch_size!r}: an int >= 1 or None")
+        self._batch_hint = batch_size
 
     @property
     def in_anchor_pass(self) -> bool:
@@ -337,29 +349,28 @@ class IVONPoCo(CorrectionSchedule, IVON):
         draw, ctx = self._sample_context("IVONPoCo.step")
         rng0 = capture_rng()
         in_closure, out_closure = self._pass_closures(closure)
-        watch = self._watch(draw)
-        with self._norm(first=self._count == 0):
-            loss = self._run_closure(in_closure, ctx, watch)
-        self._check_foreign(watch)
-        self._collect(draw)
-        rng1 = capture_rng()
-        restore_rng(rng0)
+        # The anchor pass runs first, so the current pass is the closure's last evaluation (frameworks
+        # report the last call's loss and outputs).  Both passes start from the random state R0 (§6.3),
+        # which leaves the global RNG where one pass of the base learner would.
+        out_draw, out_ctx = self._anchor_context(draw)
+        watch = self._watch(out_draw)
+        self._in_anchor = True
         try:
-            out_draw, out_ctx = self._anchor_context(draw)
-            watch = self._watch(out_draw)
-            self._in_anchor = True
-            try:
-                with self._norm(first=False, anchor=True):
-                    loss_out = self._run_closure(out_closure, out_ctx, watch)
-            finally:
-                self._in_anchor = False
+            with self._norm(first=False, anchor=True):
+                loss_out = self._run_closure(out_closure, out_ctx, watch)
         finally:
-            restore_rng(rng1)
+            self._in_anchor = False
+            restore_rng(rng0)
         self._check_foreign(watch)
         if not bool(torch.isfinite(loss_out).all()):
             raise NonFiniteError(f"the closure returned a non-finite loss ({loss_out.item()}) at the anchor "
                                  "sample; the step was skipped and no state changed")
         self._collect(out_draw, out=True)
+        watch = self._watch(draw)
+        with self._norm(first=self._count == 0):
+            loss = self._run_closure(in_closure, ctx, watch)
+        self._check_foreign(watch)
+        self._collect(draw)
         return loss
 
     def _pass_closures(self, closure: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:

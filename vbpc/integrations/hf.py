@@ -43,6 +43,7 @@ from torch import nn
 from ..inference.continual import ContinualIVON
 from ..inference.ivon import IVON
 from ..inference.ivon_poco import IVONPoCo
+from ._common import unwrap_learner
 
 try:
     from transformers import Trainer
@@ -50,13 +51,6 @@ except ImportError as exc:  # pragma: no cover - transformers is a core dependen
     raise ImportError("vbpc.integrations.hf needs transformers: pip install transformers") from exc
 
 __all__ = ["VBTrainer"]
-
-
-def _unwrap(opt: Any) -> Any:
-    """The learner inside accelerate's ``AcceleratedOptimizer`` wrapper (if any)."""
-    while hasattr(opt, "optimizer") and not isinstance(opt, IVON):
-        opt = opt.optimizer
-    return opt
 
 
 class VBTrainer(Trainer):
@@ -92,7 +86,7 @@ class VBTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
-        opt = _unwrap(self.optimizer)
+        opt = unwrap_learner(self.optimizer)
         if not isinstance(opt, IVON):
             return super().training_step(model, inputs, num_items_in_batch)
         self._check_learner(opt)
