@@ -742,6 +742,13 @@ class IVON(Optimizer):
             except BaseException:
                 self._reset_samples()
                 raise
+        if self._count == 0 and any(p.grad is not None for g in self.param_groups for p in self._trainable(g)):
+            raise SamplingError(
+                f"{type(self).__name__}.step() called with no collected sample, but the parameters hold gradients "
+                "computed outside any weight sample (at the mean weights): the training loop ran backward itself, "
+                "then step(). transformers.Trainer: use vbpc.integrations.hf.VBTrainer; Lightning: add "
+                "vbpc.integrations.lightning.VBCallback(); a plain loop: call backward inside `with "
+                "optimizer.sampled_params(train=True):`, or pass a closure to step()")
         if self._count == 0:
             raise SamplingError(
                 "IVON.step() called with no collected sample: compute the loss and call backward "
