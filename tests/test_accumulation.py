@@ -69,3 +69,58 @@ def test_micro_batches_as_samples_in_an_accelerate_loop():
     assert opt.current_step == 2
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+def _accelerate_reference(model, x, y):
+    ref = copy.deepcopy(model)
+    ropt = vbpc.IVON(ref.parameters(), lr=0.1, ess=16)
+    torch.manual_seed(5)
+    for t in range(2):  # 2 steps, each 2 micro-batches = 2 MC samples
+        for i in (0, 4):
+            with ropt.sampled_params(train=True):
+                ropt.zero_grad()
+                j = 8 * t + i
+                F.cross_entropy(ref(x[j:j + 4]), y[j:j + 4]).backward()
+        ropt.step()
+    return ref
+
+
+def test_accelerates_documented_loop_is_refused():
+    """accelerate's own loop skips zero_grad mid-accumulation: the second sample would carry the first
+    micro-batch's gradient.  The foreign-gradient check refuses it, naming accelerate."""
+    accelerate = pytest.importorskip("accelerate")
+    model, x, y = _setup()
+    acc = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=16)
+    m, o = acc.prepare(model, opt)
+    with pytest.raises(vbpc.SamplingError, match="accelerate"):
+        for i in range(0, 16, 4):
+            with acc.accumulate(m):
+                with opt.sampled_params(train=True):
+                    acc.backward(F.cross_entropy(m(x[i:i + 4]), y[i:i + 4]))
+                o.step()
+                o.zero_grad()
+    assert opt.current_step == 0
+
+
+def test_the_accelerate_helper_equals_the_plain_loop_bitwise():
+    accelerate = pytest.importorskip("accelerate")
+    from vbpc.integrations.accelerate import sample
+
+    model, x, y = _setup()
+    ref = _accelerate_reference(model, x, y)
+    acc = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=16)
+    m, o = acc.prepare(model, opt)
+    torch.manual_seed(5)
+    for i in range(0, 16, 4):
+        with sample(acc, m, o) as backward:
+            backward(F.cross_entropy(m(x[i:i + 4]), y[i:i + 4]))
+        o.step()
+        o.zero_grad()
+    assert opt.current_step == 2
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="vbpc learner"):
+        with sample(acc, m, torch.optim.SGD(model.parameters(), lr=0.1)):
+            pass

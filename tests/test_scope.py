@@ -253,9 +253,12 @@ def test_minilm_scopes(minilm):
 # ----------------------------------------------------------------------------- LoRA
 def test_lora_scope():
     model = make_lora()
-    lora = select_parameters(model, "lora")
+    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\).*not be updated.*4\.weight, 4\.bias"):
+        lora = select_parameters(model, "lora")  # the trainable head "4" is no adapter: it would stay at init
     assert names(lora) == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
-    assert names(select_parameters(model, Scope.LORA)) == names(lora)
+    with pytest.warns(UserWarning):
+        assert names(select_parameters(model, Scope.LORA)) == names(lora)
+    assert names(select_parameters(model, "trainable")) == names(select_parameters(model))
     # the frozen base weights are excluded from every scope
     assert names(select_parameters(model)) == names(lora) + ["4.weight", "4.bias"]
     assert names(select_parameters(model, "last_layer")) == ["4.weight", "4.bias"]

@@ -6,11 +6,24 @@ from .inference.ivon import IVON
 from .inference.continual import ContinualIVON, pretrained_posterior
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
-from .inference.svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
 from .inference.von import VON, VONPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters
 from .version import __version__
+
+#: loaded on first use: Pyro is imported only by the Pyro bridge (``import vbpc`` stays light)
+_LAZY = {"BayesByBackprop": "inference.svi", "to_pyro": "inference.svi", "to_pyro_guide": "inference.svi",
+         "to_pyro_model": "inference.svi"}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)  # noqa: F821
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vbpc' has no attribute {name!r}")
 
 __all__ = [
     "IVON",

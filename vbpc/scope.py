@@ -18,19 +18,21 @@ once, under the name ``model.named_parameters()`` gives them.
 from __future__ import annotations
 
 import re
+import warnings
 from enum import Enum
 from typing import Iterable, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Scope", "select_parameters", "named_trainable", "parameter_names"]
+__all__ = ["Scope", "select_parameters", "named_trainable", "parameter_names", "outside_scope", "warn_outside_scope"]
 
 
 class Scope(str, Enum):
     """String-enum of the built-in scopes."""
 
     ALL = "all"
+    TRAINABLE = "trainable"
     LAST_LAYER = "last_layer"
     LORA = "lora"
 
@@ -77,15 +79,20 @@ def select_parameters(
 
     Args:
         model: any module (torchvision, HF ``transformers``, hand-built).
-        scope: ``"all"`` (default), ``"last_layer"`` (the parameters owned directly by the
-            last module, in ``model.modules()`` order, that owns any) or ``"lora"``
-            (parameter names containing ``lora_``, the PEFT convention).
+        scope: ``"all"`` (default) or its synonym ``"trainable"`` (every parameter with
+            ``requires_grad``: with PEFT, the adapters *and* the ``modules_to_save`` head),
+            ``"last_layer"`` (the parameters owned directly by the last module, in
+            ``model.modules()`` order, that owns any) or ``"lora"`` (names containing ``lora_``,
+            the PEFT adapters, plus PEFT's ``modules_to_save`` copies, e.g. the classifier
+            that ``task_type="SEQ_CLS"`` trains in full).
         module_types: keep only parameters owned directly by modules of these types.
         include: regular expression(s); keep names matching any (``re.search``).
         exclude: regular expression(s); drop names matching any.
 
     Frozen parameters are always excluded.  Raises ``ValueError`` for an unknown scope
     and when nothing is selected, so a typo never silently trains a deterministic net.
+    Warns (:func:`warn_outside_scope`) when trainable parameters are left out by ``"lora"``:
+    nothing will update them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"select_parameters expects an nn.Module, got {type(model).__name__}")
@@ -99,8 +106,8 @@ def select_parameters(
     if scope is Scope.LAST_LAYER:
         ids = _last_layer_ids(model)
         pairs = [(n, p) for n, p in pairs if id(p) in ids]
-    elif scope is Scope.LORA:
-        pairs = [(n, p) for n, p in pairs if "lora_" in n]
+    elif scope is Scope.LORA:  # the adapters and PEFT's fully trained modules (modules_to_save: the SEQ_CLS head)
+        pairs = [(n, p) for n, p in pairs if "lora_" in n or "modules_to_save." in n]
 
     if module_types is not None:
         types = tuple(module_types) if isinstance(module_types, (list, tuple, set)) else (module_types,)
@@ -123,7 +130,28 @@ def select_parameters(
             f"scope {scope.value!r} (module_types={module_types}, include={include}, "
             f"exclude={exclude}) selects no trainable parameter of {type(model).__name__}"
         )
+    if scope is Scope.LORA and module_types is None and not inc and not exc:
+        warn_outside_scope(model, [p for _, p in pairs], 'select_parameters(model, "lora")', stacklevel=3)
     return pairs
+
+
+def outside_scope(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
+    """Names of ``model``'s trainable parameters that are not among ``params``."""
+    ids = {id(p) for p in params}
+    return [n for n, p in named_trainable(model) if id(p) not in ids]
+
+
+def warn_outside_scope(model: nn.Module, params: Iterable[torch.Tensor], who: str, stacklevel: int = 2) -> None:
+    """Warn, naming them, when trainable parameters of ``model`` are not in ``params``: they
+    require grad but no optimizer updates them (they stay at their initial values)."""
+    left = outside_scope(model, params)
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        warnings.warn(f"{who}: {len(left)} trainable parameter(s) of {type(model).__name__} are outside the "
+                      f"learner's scope and will not be updated by it: {', '.join(left[:3])}{more}. Use "
+                      "scope='trainable' to include them, give them to another optimizer, or set "
+                      "requires_grad=False on what should stay fixed",
+                      UserWarning, stacklevel=stacklevel)
 
 
 def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:

@@ -5,9 +5,16 @@ from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
 from .merge import merge_posteriors, task_arithmetic
 from .poco import SVRG, VSGD, AlphaSVRG, Anchor, VSGDPoCo
-from .svi import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
 from .von import VON, VONPoCo
 
 __all__ = ["IVON", "IVONPoCo", "IVONPoCoMo", "Anchor", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "VON", "VONPoCo",
            "BayesByBackprop", "to_pyro", "to_pyro_guide", "to_pyro_model", "merge_posteriors", "task_arithmetic",
            "ContinualIVON", "pretrained_posterior"]
+
+
+def __getattr__(name: str):  # PEP 562: the Pyro bridge imports Pyro, so it loads on first use
+    if name in ("BayesByBackprop", "to_pyro", "to_pyro_guide", "to_pyro_model"):
+        from . import svi
+
+        return getattr(svi, name)
+    raise AttributeError(f"module 'vbpc.inference' has no attribute {name!r}")

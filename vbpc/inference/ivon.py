@@ -53,6 +53,7 @@ from ..functional import (
 )
 from ..nn.norm import RunningStatsGuard
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
+from ..scope import warn_outside_scope
 from . import distributed as ranks
 
 __all__ = ["IVON"]
@@ -250,6 +251,9 @@ class IVON(Optimizer):
         self._sharded = False  # some parameter is a DTensor (FSDP2): kernels run on local shards
         self._noise_checked = False  # the once-only check that shards draw different noise
         super().__init__(params, defaults)
+        if model is not None:
+            warn_outside_scope(model, [p for g in self.param_groups for p in g["params"]],
+                               f"{type(self).__name__}(model=...)", stacklevel=3)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -46,6 +46,7 @@ from ..inference.continual import ContinualIVON
 from ..inference.ivon import IVON
 from ..inference.ivon_poco import IVONPoCo
 from ..predictive import predict_batch
+from ..scope import warn_outside_scope
 from ._common import unwrap_learner
 
 try:
@@ -81,6 +82,7 @@ class VBTrainer(Trainer):
         self.bma_samples = bma_samples
         self.bma_seed = int(bma_seed)
         self._bma_state: Optional[tuple[Any, torch.Generator]] = None
+        self._scope_checked = False
         self._logits_model = not _takes_labels(self.accelerator.unwrap_model(self.model))
         if self._logits_model and self.args.label_names is None:
             self.label_names = ["labels"]  # keeps the column (remove_unused_columns) and marks it as labels
@@ -158,6 +160,10 @@ class VBTrainer(Trainer):
         if not isinstance(opt, IVON):
             return super().training_step(model, inputs, num_items_in_batch)
         self._check_learner(opt)
+        if not self._scope_checked:
+            self._scope_checked = True
+            warn_outside_scope(self.accelerator.unwrap_model(model), [p for g in opt.param_groups for p in g["params"]],
+                               f"VBTrainer with vbpc.{type(opt).__name__}", stacklevel=2)
         model.train()
         inputs = self._prepare_inputs(inputs)
 

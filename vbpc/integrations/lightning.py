@@ -62,6 +62,7 @@ from ..errors import SamplingError
 from ..inference.continual import ContinualIVON
 from ..inference.ivon import IVON
 from ..inference.ivon_poco import IVONPoCo
+from ..scope import warn_outside_scope
 from ._common import unwrap_learner
 
 try:
@@ -140,6 +141,9 @@ class VBCallback(Callback):
                                  f"{trainer.accumulate_grad_batches} under automatic optimization is not supported "
                                  "(the anchor pass must see each micro-batch); use a larger batch, or manual "
                                  "optimization with opt.sample(closure) per micro-batch and opt.step()")
+        if opts:
+            warn_outside_scope(pl_module, [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]],
+                               "VBCallback (the Trainer's optimizers)", stacklevel=2)
         self._install_log_filter(pl_module, opts)
 
     def _install_log_filter(self, pl_module: "pl.LightningModule", opts: list[IVON]) -> None:
