@@ -69,6 +69,8 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
     "lm": (_module("lm"), ["--quick", "--out", QUICK], ["--workers", "2", "--no-progress"],
            "char GPT-mini on Shakespeare: AdamW, IVON, IVON-PoCoMo tuned on a validation split, 5 paired seeds, "
            "paired differences at equal steps/evals/wall clock (resumable)"),
+    "peft": (_module("peft_lora"), ["--quick", "--out", QUICK], [],
+             "MiniLM + PEFT LoRA: AdamW-LoRA vs IVON-LoRA (lr tuned on validation NLL), 3 paired seeds"),
     "ablation": (_module("ablation"), ["--quick", "--out", QUICK], [],
                  "IVON-PoCo(Mo) options one at a time (mega-batch remedies included), on the LM and the convex task"),
     "gpu": (_module("gpu_check"), [], [], "CUDA/bf16 checks and GPU timings (exits cleanly without CUDA)"),
