@@ -89,9 +89,14 @@ def runners(model: nn.Module, batch, loss_fn) -> dict[str, tuple[Callable[[], No
     def vb_step():
         vb.step(vb_closure)
 
-    def vb_opt_only():
+    fixed: list[torch.Tensor] = []
+
+    def vb_opt_only():  # the update alone: a fixed gradient handed to each sample (fresh tensor objects,
+        if not fixed:   # so that the foreign-gradient check does not take it for a stale one)
+            fixed.extend(torch.randn_like(p) * 1e-3 for p in params)
         with vb.sampled_params(train=True):
-            pass
+            for p, g in zip(params, fixed):
+                p.grad = g.detach()
         vb.step()
 
     out["vbpc"] = (vb_step, vb_opt_only)

