@@ -41,14 +41,18 @@ def _same(model, opt, snap):
                     for a, b in zip(now["state"].values(), sd["state"].values())))
 
 
+def _one_sample(model, opt, x, y) -> None:
+    with opt.sampled_params(train=True):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+
+
 def _plain(steps: int = 3, mc: int = 1):
     model, opt, x, y = _setup()
     torch.manual_seed(7)
     for _ in range(steps):
         for _ in range(mc):
-            with opt.sampled_params(train=True):
-                opt.zero_grad()
-                _loss(model, x, y).backward()
+            _one_sample(model, opt, x, y)
         opt.step()
     return model
 
@@ -178,9 +182,7 @@ def test_a_placeholder_closure_with_collected_samples_uses_them():
     model, opt, x, y = _setup()
     torch.manual_seed(7)
     for _ in range(3):
-        with opt.sampled_params(train=True):
-            opt.zero_grad()
-            _loss(model, x, y).backward()
+        _one_sample(model, opt, x, y)
         assert opt.step(lambda: None) is None
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _plain().parameters()))
 
@@ -190,9 +192,7 @@ def test_a_real_closure_with_collected_samples_adds_one():
     model, opt, x, y = _setup()
     torch.manual_seed(7)
     for _ in range(3):
-        with opt.sampled_params(train=True):
-            opt.zero_grad()
-            _loss(model, x, y).backward()
+        _one_sample(model, opt, x, y)
 
         def closure():
             opt.zero_grad()
