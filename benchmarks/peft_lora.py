@@ -9,7 +9,8 @@ James Bible and Milton a 200-character passage is from).
 Protocol (the same for both methods):
 
 * **tuning** on the validation split: a learning-rate grid of the same size per method, seed 0,
-  the same number of steps; the setting with the best validation NLL is selected;
+  the same number of steps, extended past an edge that holds the best (``--widen`` times at most,
+  the same rule for both methods); the setting with the best validation NLL is selected;
 * **finals**: the selected settings, ``--seeds`` paired seeds (the same LoRA/head initialisation
   and batch order for both methods at each seed), the same steps; test accuracy, NLL and ECE (15
   bins), IVON by Bayesian model averaging over ``--test-samples`` weight samples (AdamW at its
@@ -53,11 +54,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    ap.add_argument("--ivon-lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
-    ap.add_argument("--ess", type=float, default=1e5, help="IVON: tempered effective sample size")
+    ap.add_argument("--ivon-lrs", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    ap.add_argument("--ess", type=float, default=1e6, help="IVON: tempered effective sample size")
     ap.add_argument("--hess-init", type=float, default=0.1)
     ap.add_argument("--beta2", type=float, default=0.99)
     ap.add_argument("--test-samples", type=int, default=16)
+    ap.add_argument("--widen", type=int, default=2, help="grid extensions past an edge that holds the best")
     ap.add_argument("--quick", action="store_true", help="CI size: 24 passages per class, 3 steps, 1 seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -146,18 +148,47 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grids = {"adamw": args.adamw_lrs, "ivon": args.ivon_lrs}
+    settings = {k: getattr(args, k) for k in ("per_class", "steps", "batch_size", "max_length", "ess", "hess_init",
+                                              "beta2", "test_samples")}
+    cache_path = out / "peft_lora_runs.json"  # finished runs, reused by a rerun with the same settings
+    cache: dict[str, dict[str, Any]] = {}
+    if cache_path.is_file():
+        old = json.loads(cache_path.read_text())
+        cache = old["runs"] if old.get("settings") == settings else {}
+
+    def run(m: str, lr: float, seed: int, split: str) -> dict[str, Any]:
+        key = f"{m}|{lr!r}|{seed}|{split}"
+        if key not in cache:
+            cache[key] = run_one(m, lr, seed, args, task, tok, split)
+            atomic_write_text(cache_path, json.dumps({"settings": settings, "runs": cache}, indent=1) + "\n")
+        return cache[key]
+
     tuning: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     for m in METHODS:
-        for lr in grids[m]:
-            r = run_one(m, lr, args.seeds[0], args, task, tok, "val")
-            tuning[m].append(r)
-            print(f"tune  {m:5s} lr {lr:g}: val acc {r['accuracy']:.3f}, NLL {r['nll']:.3f}, ECE {r['ece']:.3f}",
+        lrs = sorted(grids[m])
+        for lr in lrs:
+            tuning[m].append(run(m, lr, args.seeds[0], "val"))
+        # the same rule for both methods: while the best lies at an edge of the grid, extend the grid one
+        # step past that edge (at the grid's ratio), at most ``--widen`` times
+        for _ in range(args.widen if len(lrs) > 1 else 0):
+            best_lr = min(tuning[m], key=lambda r: r["nll"])["lr"]
+            if best_lr == lrs[0]:
+                lrs.insert(0, lrs[0] * lrs[0] / lrs[1])
+                new = lrs[0]
+            elif best_lr == lrs[-1]:
+                lrs.append(lrs[-1] * lrs[-1] / lrs[-2])
+                new = lrs[-1]
+            else:
+                break
+            tuning[m].append(run(m, new, args.seeds[0], "val"))
+        for r in sorted(tuning[m], key=lambda r: r["lr"]):
+            print(f"tune  {m:5s} lr {r['lr']:g}: val acc {r['accuracy']:.3f}, NLL {r['nll']:.3f}, ECE {r['ece']:.3f}",
                   flush=True)
     best = {m: min(tuning[m], key=lambda r: r["nll"])["lr"] for m in METHODS}
     finals: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     for seed in args.seeds:
         for m in METHODS:
-            r = run_one(m, best[m], seed, args, task, tok, "test")
+            r = run(m, best[m], seed, "test")
             finals[m].append(r)
             print(f"final {m:5s} seed {seed}: test acc {r['accuracy']:.3f}, NLL {r['nll']:.3f}, ECE {r['ece']:.3f}, "
                   f"{r['train_seconds']:.0f} s", flush=True)
