@@ -87,6 +87,7 @@ def _worker(rank: int, port: int, kind: str, same_seed: bool, sync: bool, out: s
         res = _state(model, opt)
         res["warned"] = any("drift apart" in str(w.message) for w in caught)
         torch.save(res, f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before teardown (a gloo teardown race aborts otherwise)
     finally:
         dist.destroy_process_group()
 

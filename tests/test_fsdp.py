@@ -212,6 +212,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             res["same-seed"] = _sharded_run(rank, "ivon-mc1", NOISE_SEED)  # identically seeded ranks
             res["nonfinite"] = _nonfinite_run(rank)
         torch.save(res, f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before teardown
     finally:
         dist.destroy_process_group()
 

@@ -377,6 +377,7 @@ def test_sync_with_gradsq_single_process(tmp_path):
         torch.manual_seed(1)
         _train(ref, ropt, 2, x, y)
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+        dist.barrier()  # both ranks done before teardown
     finally:
         dist.destroy_process_group()
 

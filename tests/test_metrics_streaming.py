@@ -134,6 +134,7 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         acc = M.ClassificationMetrics().update(probs[shard], y[shard], stack[:, shard]).sync()
         ood = M.OODMetrics().update_in(probs[shard]).update_out(probs[shard].flip(1).softmax(1)).all_reduce()
         torch.save({"cls": acc.compute(), "ood": ood.compute()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before teardown
     finally:
         dist.destroy_process_group()
 
