@@ -48,8 +48,12 @@ from .vision import (
 )
 
 from .registry import DATASETS, load_dataset
+from .shift import SHIFT_LEVELS, corrupt, shifted_fashion_mnist
 
 __all__ = [
+    "SHIFT_LEVELS",
+    "corrupt",
+    "shifted_fashion_mnist",
     "DATASETS",
     "load_dataset",
     "CIFAR10_CLASSES",
