@@ -38,7 +38,7 @@ def test_curves_start_clean_and_degrade(trained):
     curves = evaluate_shift(predict, x, y, transform=_normalize, batch_size=300)
     assert set(curves) == {"rotation", "gaussian_noise", "contrast", "blur"}
     p = predict(_normalize(x)).detach().double()
-    for fam, c in curves.items():
+    for c in curves.values():
         assert c["accuracy"][0] == accuracy(p, y) and c["nll"][0] == pytest.approx(nll(p, y), rel=1e-12)
         assert c["ece"][0] == pytest.approx(ece(p, y), rel=1e-12)
         assert set(c) == {"level", *METRICS} and len(c["level"]) == len(c["accuracy"])
