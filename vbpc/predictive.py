@@ -51,6 +51,7 @@ __all__ = [
     "log_mean_exp",
     "predict",
     "predict_batch",
+    "predict_ensemble",
     "sample_logits",
 ]
 
@@ -388,3 +389,35 @@ def predict(
         return Predictions(torch.empty(0), None, None)
     return Predictions(torch.cat(outs), torch.cat(labels) if labels else None,
                        torch.cat(stacks, dim=1) if stacks else None)
+
+
+def predict_ensemble(members: Iterable[tuple[nn.Module, Optional[GaussianPosterior]]], data: Iterable[Any],
+                     n_samples: int = 0, *, seed: int = 0, **kwargs: Any) -> Predictions:
+    r"""The equal-weight mixture of several members' predictives: a deep ensemble (members without a
+    posterior, at their weights) or MultiIVON (each member's posterior averaged over ``n_samples``
+    draws), :math:`\bar p=\frac1K\sum_k\bar p_k`, computed as a log-mean-exp of the members' log-probabilities.
+
+    ``members``: ``(model, posterior or None)`` pairs over the same ``data`` (iterated once per member,
+    so it must yield the same batches each time: a ``DataLoader`` without shuffling).  Member ``k``
+    draws from a generator seeded with ``seed + k``; ``kwargs`` go to :func:`predict` (``keep_samples``
+    is not supported).  ``sample_log_probs`` of the result stacks the members' predictives ``(K, N, C)``,
+    for the disagreement (mutual-information) metrics."""
+    if kwargs.get("keep_samples"):
+        raise ValueError("predict_ensemble: keep_samples is not supported; the members' predictives are returned "
+                         "as sample_log_probs")
+    members = list(members)
+    if not members:
+        raise ValueError("predict_ensemble: no member given")
+    preds = []
+    for k, (model, posterior) in enumerate(members):
+        s = n_samples if posterior is not None else 0
+        gen = torch.Generator(device=kwargs.get("device") or _device(model)).manual_seed(seed + k) if s else None
+        preds.append(predict(model, data, posterior, s, generator=gen, **kwargs))
+    labels = preds[0].labels
+    for k, p in enumerate(preds[1:], 1):
+        if p.log_probs.shape != preds[0].log_probs.shape or (
+                labels is not None and (p.labels is None or not torch.equal(p.labels, labels))):
+            raise ValueError(f"predict_ensemble: member {k} saw different data than member 0 (shapes or labels "
+                             "differ); pass a loader that yields the same batches every time (shuffle=False)")
+    stack = torch.stack([p.log_probs for p in preds])
+    return Predictions(log_mean_exp(stack, 0), labels, stack)
