@@ -232,3 +232,27 @@ def test_methods_called_on_a_forwarding_wrapper_run_on_the_learner():
     assert opt.current_step == 3 == wrapped.current_step
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _plain().parameters()))
     assert wrapped.state_dict()["vbpc"] == opt.state_dict()["vbpc"]
+
+
+def test_ivon_poco_placeholder_after_sample_equals_step_without_closure():
+    """IVON-PoCo under Lightning's manual optimization: sample(closure) per micro-batch, then the wrapper's
+    step() passes a placeholder; a real closure with pairs pending is refused."""
+    finals = []
+    for placeholder in (False, True):
+        model, opt, x, y = _setup(vbpc.IVONPoCo, alpha=0.5, anchor_period=100)
+        opt.refresh(lambda b: _loss(model, *b), [(x, y)], progress=False)
+        torch.manual_seed(7)
+        for _ in range(3):
+            for i in (0, 6):
+                def closure(i=i):
+                    opt.zero_grad()
+                    loss = _loss(model, x[i:i + 6], y[i:i + 6])
+                    loss.backward()
+                    return loss
+                opt.sample(closure)
+            opt.step(lambda: None) if placeholder else opt.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    opt.sample(closure)
+    with pytest.raises(SamplingError, match="samples pending from sample"):
+        opt.step(closure)

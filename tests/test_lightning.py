@@ -86,7 +86,7 @@ def _ivon(params):
 
 
 def _plain_ivon_loop(data, k: int) -> nn.Module:
-    """ALGORITHMS-style plain loop: one weight sample per micro-batch, undivided mean losses, a step every
+    """The plain loop: one weight sample per micro-batch, undivided mean losses, a step every
     ``k`` micro-batches (and at the end of the epoch)."""
     net = _net()
     opt = _ivon(net.parameters())
@@ -232,3 +232,31 @@ def test_bma_validation_hook_logs_the_model_average(data):
     assert float(m["bma_nll"]) != pytest.approx(nll(mean.probs, y), rel=1e-4)
     assert opt.current_step == N // BS
     copy.deepcopy(opt)  # no pending samples are left behind
+
+
+class SkipFirst(Module):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            return None  # Lightning skips this micro-batch: no sample for it
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_skipped_micro_batch_gives_no_sample(data):
+    module = SkipFirst(_ivon)
+    _fit(module, data, [VBCallback()], accumulate_grad_batches=2)
+    net = _net()
+    opt = _ivon(net.parameters())
+    torch.manual_seed(123)
+    for i, (x, y) in enumerate(DataLoader(data, batch_size=BS, shuffle=False)):
+        if i == 0:  # the callback opened a sample (its noise drawn) and dropped it
+            with pytest.raises(KeyError):
+                with opt.sampled_params(train=True):
+                    raise KeyError
+            continue
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        if (i + 1) % 2 == 0:
+            opt.step()
+    for p, q in zip(module.net.parameters(), net.parameters()):
+        assert torch.equal(p, q)

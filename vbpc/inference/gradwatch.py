@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["GradWatch", "FOREIGN_GRADS"]
+__all__ = ["GradWatch", "FOREIGN_GRADS", "is_placeholder"]
 
 #: values of the learners' ``foreign_grads`` option
 FOREIGN_GRADS = ("error", "warn")
@@ -110,3 +110,12 @@ class GradWatch:
                 "accumulate() loop (use sampled_params(train=True, zero_grad=True)), or a loop that never clears "
                 "gradients (call zero_grad() inside the sample or before it). foreign_grads='warn' turns this "
                 "error into a warning")
+
+
+def is_placeholder(result: object, watch: Optional[GradWatch], params: list[Tensor],
+                   grads_before: list[Optional[Tensor]]) -> bool:
+    """Whether a closure was a framework's placeholder (Lightning's ``LightningOptimizer.step()`` under
+    manual optimization): it returned ``None``, no backward pass reached ``params`` (``watch``; ``None``
+    when unwatched) and no gradient was assigned (``p.grad`` is still the object in ``grads_before``)."""
+    return (result is None and not (watch is not None and watch.any_backward)
+            and all(p.grad is g for p, g in zip(params, grads_before)))

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .closures import closure_loss, require_grads
-from .gradwatch import FOREIGN_GRADS, GradWatch
+from .gradwatch import FOREIGN_GRADS, GradWatch, is_placeholder
 from .rng import capture_rng, restore_rng
 from ..functional import (
     check_clip_grad_norm,
@@ -809,12 +809,12 @@ class IVON(Optimizer):
         rng = capture_rng() if noop_ok else None
         draw, ctx = self._sample_context("IVON.step")
         watch = self._watch(draw)
-        grads = [p.grad for _, ps, _ in draw for p in ps] if noop_ok else None
+        params = [p for _, ps, _ in draw for p in ps]
+        grads = [p.grad for p in params] if noop_ok else []
         with self._norm(first=self._count == 0):
             loss = self._run_closure(closure, ctx, watch, raw=noop_ok)
         if noop_ok:
-            if loss is None and not (watch is not None and watch.any_backward) and all(
-                    p.grad is g for p, g in zip((p for _, ps, _ in draw for p in ps), grads)):
+            if is_placeholder(loss, watch, params, grads):
                 restore_rng(rng)
                 return None
             loss = closure_loss(loss, type(self).__name__)

@@ -37,7 +37,7 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
 from . import distributed as ranks
-from .gradwatch import GradWatch
+from .gradwatch import GradWatch, is_placeholder
 from .ivon import IVON
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
 from .rng import capture_rng, restore_rng
@@ -317,7 +317,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
                 out = closure()
         finally:
             restore_rng(rng)
-        return out is None and not watch.any_backward and all(p.grad is g for p, g in zip(params, grads))
+        return is_placeholder(out, watch, params, grads)
 
     def _begin_step(self) -> None:
         """Fix α_t and whether the anchor pass runs, once per step."""
