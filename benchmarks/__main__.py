@@ -48,7 +48,8 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
     "convex": (_module("convex"), ["--quick", "--out", QUICK], ["--seeds", "3"],
                "logistic regression on Fashion-MNIST: passes to 1e-6 (SVRG, alpha-SVRG, IVON-PoCo, ...)"),
     "calibration": (_module("calibration"), ["--quick", "--out", f"{QUICK}/calibration"], [],
-                    "LeNet-5 calibration: SGD, AdamW, IVON, IVON-PoCo, BBB, MC dropout x 3 seeds"),
+                    "uncertainty study: 10 methods (ensembles, Laplace, temperature, MC dropout, BBB, IVON, "
+                    "IVON-PoCo, ...) x 5 seeds, validation selection, shift curves, OOD; ResNet-20 check"),
     "continual": (_cli("continual", "examples/configs/continual_split.yaml", "--overwrite"),
                   ["--set", "seeds=[0]", "--set", "tasks.train_size=512", "--set", "tasks.n_tasks=2",
                    "--set", "progress=false", "--set", f"out={QUICK}/continual"],

@@ -11,7 +11,8 @@ Protocol (the README's "Uncertainty against the field" section reads the results
   the sklearn digits (28×28, real), plus inverted Fashion-MNIST and uniform noise, labelled
   *synthetic*.
 * **Methods.**  Trained: AdamW, SGD (momentum 0.9), MC dropout (AdamW, p 0.25), vbpc IVON,
-  vbpc IVON-PoCo (α 0.75 linear, one anchor per epoch, a 32-batch mega-batch) and Pyro
+  vbpc IVON-PoCo (α 0.75 linear, one anchor per epoch, a 32-batch mega-batch, the corrected
+  gradient clipped at norm 1 as in the LM study: unclipped, it diverged at lr 0.4 here) and Pyro
   Bayes-by-backprop.  Post hoc on each AdamW network: temperature scaling (T fitted on the
   validation split) and laplace-torch's last-layer KFAC Laplace (prior precision by the marginal
   likelihood on the training split, probit predictive).  Ensembles of the five seeds' networks:
@@ -192,7 +193,7 @@ def train(arch: str, method: str, lr: float, seed: int, args: argparse.Namespace
             opt = vbpc.IVONPoCo(model.parameters(), lr=lr, ess=n, hess_init=args.hess_init, beta2=0.999,
                                 weight_decay=args.weight_decay, alpha=0.75, alpha_schedule="linear",
                                 total_steps=steps, anchor_period=len(loaders[0]),
-                                megabatch_size=32 * args.batch_size)
+                                megabatch_size=32 * args.batch_size, clip_grad_norm=args.poco_clip or None)
         else:
             raise ValueError(f"unknown method {method!r}")
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -367,7 +368,7 @@ def score(preds: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- jobs (run in workers)
 #: settings that change a cached run (everything but where results go and how many processes run them)
-_NOT_RUN_SETTINGS = ("workers", "cache", "out", "n_boot", "quick", "resnet", "lenet", "max_widen")
+_NOT_RUN_SETTINGS = ("workers", "cache", "out", "n_boot", "quick", "resnet", "lenet", "max_widen", "plateau_epochs")
 
 
 def _cache(args: argparse.Namespace) -> Path:
@@ -421,6 +422,24 @@ def job_select(arch: str, method: str, lr: float, args: argparse.Namespace) -> d
     yv = data["val"][1]
     res = {"arch": arch, "method": method, "lr": lr, "val_nll": nll(p, yv), "val_accuracy": accuracy(p, yv),
            "val_ece": ece_cross_check(p, yv), "val_curve": run["val_curve"]}
+    atomic_write_text(path, json.dumps(res))
+    return res
+
+
+def job_plateau(arch: str, method: str, lr: float, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The selected setting of seed 0 trained for ``epochs`` instead of the budget (cosine over the longer
+    run): is the budget at the method's plateau?  Scored on the validation split only; not cached as a model."""
+    path = _cache(args) / f"plateau-{_key(arch, method, lr, 0)}-e{epochs}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    longer = argparse.Namespace(**{**vars(args), "epochs": epochs})
+    run = train(arch, method, lr, 0, longer)
+    pred, _ = own_predictor(run, args)
+    data = data_of(args)
+    p = _mean(_batched(pred, data["val"][0]))
+    yv = data["val"][1]
+    res = {"arch": arch, "method": method, "lr": lr, "epochs": epochs, "val_nll": nll(p, yv),
+           "val_accuracy": accuracy(p, yv), "val_curve": run["val_curve"], "train_seconds": run["train_seconds"]}
     atomic_write_text(path, json.dumps(res))
     return res
 
@@ -677,6 +696,14 @@ def lenet_tables(report: dict[str, Any]) -> list[str]:
               "epoch): " + "; ".join(
                   f"{m} acc {last_epoch(c, 'val_acc_at_mean')}, NLL {last_epoch(c, 'val_nll_at_mean')}"
                   for m, c in report["plateau"].items() if len(c) > 1) + "."]
+    if report.get("plateau_check"):
+        pc = report["plateau_check"]
+        n = next(iter(pc.values()))["epochs"]
+        lines += ["", f"Longer budget (seed 0, the selected learning rate, {n} epochs instead of {a['epochs']}, "
+                  "validation NLL / accuracy of the predictive): " + "; ".join(
+                      f"{m} {report['selection'][m]['selected_val_nll']:.4f} → {r['val_nll']:.4f} / "
+                      f"{next(g['val_accuracy'] for g in report['selection'][m]['grid'] if g['lr'] == r['lr']):.4f} → "
+                      f"{r['val_accuracy']:.4f}" for m, r in pc.items()) + "."]
     return lines
 
 
@@ -707,8 +734,8 @@ def summarize(report: dict[str, Any]) -> str:
     a = report["settings"]
     lines = lenet_tables(report) if report["rows"] else []
     lines += scale_table(report)
-    lines += ["", f"Wall time of the whole run: {report['wall_minutes']:.0f} min ({a['device']}, "
-              f"{a['workers']} worker process(es), one thread each)."]
+    lines += ["", f"This invocation: {report['wall_minutes']:.0f} min ({a['device']}, {a['workers']} worker "
+              "process(es), one thread each; runs found in the cache are not retrained)."]
     return "\n".join(lines) + "\n"
 
 
@@ -750,8 +777,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--hess-init", type=float, default=0.5)
+    ap.add_argument("--poco-clip", type=float, default=1.0,
+                    help="IVON-PoCo's clip_grad_norm on the corrected gradient (the LM study's; 0: off)")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--plateau-epochs", type=int, default=10,
+                    help="retrain each selected seed-0 setting this long to check the budget's plateau (0: skip)")
     ap.add_argument("--max-widen", type=int, default=2, help="grid points added past a winning edge, per method")
     ap.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=True,
                     help="the ResNet-20 one-seed scale check")
@@ -767,7 +798,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 2000, 500, 500, 1, [0, 1]
         args.shift_size, args.synthetic_size, args.samples, args.n_boot, args.resnet = 200, 200, 2, 100, False
-        args.max_widen = 0
+        args.max_widen, args.plateau_epochs = 0, 0
         args.workers = 1
     grids = {m: (g[:1] if args.quick else g) for m, g in GRIDS.items()}
     out = Path(args.out)
@@ -778,11 +809,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 initializer=_init_worker) if args.workers > 1 else None)
     try:
         selection, rows = run_jobs(args, "lenet5", grids, args.seeds, pool) if args.lenet else ({}, {})
+        plateau_futs = {}
+        if args.lenet and args.plateau_epochs:
+            for m, sel in selection.items():
+                a = (job_plateau, "lenet5", m, sel["selected_lr"], args.plateau_epochs)
+                plateau_futs[m] = pool.submit(*a, args) if pool is not None else a[0](*a[1:], args)
         scale = None
         if args.resnet:
             sel_r, rows_r = run_jobs(args, "resnet20", RESNET_GRIDS, [0], pool)
             scale = {"epochs": args.resnet_epochs, "samples": args.resnet_samples, "grids": RESNET_GRIDS,
                      "selection": sel_r, "rows": rows_r}
+        plateau = {m: (f.result() if isinstance(f, Future) else f) for m, f in plateau_futs.items()}
     finally:
         if pool is not None:
             pool.shutdown()
@@ -808,7 +845,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                               "marginal likelihood on the training split"},
         "plateau": {m: selection[m]["grid"][[g["lr"] for g in selection[m]["grid"]].index(
             selection[m]["selected_lr"])]["val_curve"] for m in selection},
-        "rows": rows, "ensembles": ensembles, "scale_check": scale,
+        "plateau_check": plateau, "rows": rows, "ensembles": ensembles, "scale_check": scale,
         "wall_minutes": (time.perf_counter() - t_start) / 60,
     }
     md = summarize(report)

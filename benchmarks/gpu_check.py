@@ -8,7 +8,10 @@ Run on a machine with an NVIDIA GPU:  python benchmarks/gpu_check.py [--steps 10
    the posterior bitwise unchanged, sampling restored bit for bit;
 3. whole-step time ratios (median of interleaved rounds) vbpc.IVON ÷ AdamW and IVON-PoCo ÷ IVON
    on a GPT-2 4 x 256 at batch 16 x 128, and ``torch.cuda.max_memory_allocated`` per learner;
-4. the ``lm`` benchmark at a larger scale (GPT-mini 6 x 384, batch 64 x 256, bf16 autocast, seed 0):
+4. the uncertainty study's ResNet-20 (FRN) scale check on Fashion-MNIST (``calibration.py --no-lenet``):
+   AdamW, IVON, AdamW + temperature and AdamW + last-layer Laplace, selected on the validation
+   split, 10 epochs, BMA over 16 samples, written to ``benchmarks/results/gpu/calibration.*``;
+5. the ``lm`` benchmark at a larger scale (GPT-mini 6 x 384, batch 64 x 256, bf16 autocast, seed 0):
    AdamW, IVON and IVON-PoCoMo curves against steps, gradient evaluations and GPU wall clock,
    written to ``benchmarks/results/gpu/``.
 
@@ -156,10 +159,24 @@ def lm_curves(steps: int, out: Path) -> dict:
     return json.loads((out / "lm.json").read_text())["summary"]
 
 
+def calibration_scale(epochs: int, out: Path) -> dict:
+    """The ResNet-20 scale check of ``benchmarks/calibration.py`` on the GPU (the LeNet-5 study stays a
+    CPU benchmark): the same selection rule, ``epochs`` epochs, one seed; returns its rows' metrics."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import calibration
+
+    res = calibration.main(["--no-lenet", "--device", "cuda", "--workers", "1", "--resnet-epochs", str(epochs),
+                            "--resnet-samples", "16", "--out", str(out / "calibration")])
+    rows = res["report"]["scale_check"]["rows"]
+    return {name: {k: r[0][k] for k in ("accuracy", "nll", "ece", "brier", "train_seconds")}
+            for name, r in rows.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=600, help="LM steps per final run (selection: a quarter)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calibration-epochs", type=int, default=10, help="ResNet-20 scale check epochs (0: skip)")
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -173,6 +190,9 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1), flush=True)
     report["speed"] = speed(dev, args.rounds)
     print(json.dumps(report["speed"], indent=1), flush=True)
+    if args.calibration_epochs:
+        report["calibration"] = calibration_scale(args.calibration_epochs, Path(args.out).parent / "gpu")
+        print(json.dumps(report["calibration"], indent=1), flush=True)
     report["lm"] = lm_curves(args.steps, Path(args.out).parent / "gpu")
     print(json.dumps(report["lm"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
