@@ -94,6 +94,7 @@ def plot_shift(runs: Mapping[str, Sequence[Mapping[str, Mapping[str, Sequence[fl
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.92 if title else 1))
     if path is not None:
         save_figure(fig, path)
     return fig
