@@ -67,7 +67,7 @@ from vbpc.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vbpc.evaluation.shift import evaluate_shift, mean_over_shift, plot_shift
 from vbpc.io import atomic_write_text
 from vbpc.metrics import accuracy, bootstrap_classification, brier, nll, ood_metrics
-from vbpc.metrics.classification import argmax_lowest, bin_index
+from vbpc.metrics.classification import bin_index, example_stats
 from vbpc.models import LeNet5, ResNet20
 from vbpc.predictive import predict_batch
 
@@ -472,11 +472,11 @@ def _init_worker() -> None:
 
 # ----------------------------------------------------------------------------- ensembles
 def _example_stats(p: Tensor, y: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
-    conf = p.max(-1).values
-    correct = (argmax_lowest(p) == y).double()
-    return {"correct": correct, "nll": -p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-300).log(),
-            "brier": ((p - F.one_hot(y, p.shape[1]).double()) ** 2).sum(-1),
-            "bin": bin_index(conf, n_bins), "gap": conf - correct}
+    """vbpc's per-example statistics plus each example's bin and confidence gap (for resampled ECEs)."""
+    st = example_stats(p, p.clamp_min(1e-300).log(), y)
+    correct = st["correct"].double()
+    return {"correct": correct, "nll": st["nll"], "brier": st["brier"],
+            "bin": bin_index(st["confidence"], n_bins), "gap": st["confidence"] - correct}
 
 
 def _resampled(stats: dict[str, Tensor], idx: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
