@@ -1,6 +1,6 @@
 """Ablation of IVON-PoCo(Mo) on the LM task and on the convex task: one option changed at a time.
 
-Options (ALGORITHMS.md §6.2): α schedule (constant vs linear decay), anchor period T, mega-batch
+Options (docs/algorithms.md §6.2): α schedule (constant vs linear decay), anchor period T, mega-batch
 size M, shared vs independent anchor noise (§6.3), Hessian correction on/off (eq. 22 for h̃) and
 the proximal term on/off (eq. 23).  Plain IVON (no correction) is the reference row.
 

@@ -4,7 +4,7 @@ f(θ) = mean cross-entropy over the 60,000 training images + (δ/2)‖θ‖², �
 parameters, features scaled to unit norm, float64.  f* comes from full-batch L-BFGS.  Every
 method is tracked by relative suboptimality (f(m) − f*)/f* of its mean against *passes over
 the data* = gradient evaluations ÷ N (inner passes count twice for corrected learners;
-anchor refreshes count too: ALGORITHMS.md §6.4, eq. 24).
+anchor refreshes count too: docs/algorithms.md §6.4, eq. 24).
 
 Methods: SGD, SVRG, α-SVRG (linear α from 0.75), VSGD-PoCo (σ > 0, α = 1), IVON and IVON-PoCo
 (α = 1), all with batch 128 and an anchor period of one epoch (a full-data refresh, chunked).

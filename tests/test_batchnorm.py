@@ -1,4 +1,4 @@
-"""BatchNorm under weight noise (ALGORITHMS.md §12 pitfall 14, oracle §10.30 second half).
+"""BatchNorm under weight noise (docs/algorithms.md §12 pitfall 14, oracle §10.30 second half).
 
 vbpc's policy: with ``model=`` a learner lets the first MC pass of a step update the running
 statistics; extra MC passes and every anchor pass (and anchor refreshes) leave them bit for bit

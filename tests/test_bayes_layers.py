@@ -1,7 +1,7 @@
 """vbpc.nn Bayesian layers: persisted precision, posterior interop, sampled forwards.
 
 The precision buffers hold the sum-scale precision S = ess * (h + weight_decay) of
-ALGORITHMS.md eq. (3); a sampled forward uses m + z / sqrt(S) (eq. 5).
+docs/algorithms.md eq. (3); a sampled forward uses m + z / sqrt(S) (eq. 5).
 """
 
 from __future__ import annotations

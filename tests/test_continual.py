@@ -1,4 +1,4 @@
-"""ContinualIVON (ALGORITHMS.md §8, eq. 29 with the vector prior) and the pretrained anchor (eq. 30)."""
+"""ContinualIVON (docs/algorithms.md §8, eq. 29 with the vector prior) and the pretrained anchor (eq. 30)."""
 
 from __future__ import annotations
 

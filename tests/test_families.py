@@ -1,4 +1,4 @@
-"""Isotropic and full Gaussian families behind the one posterior interface (ALGORITHMS.md §5, §7).
+"""Isotropic and full Gaussian families behind the one posterior interface (docs/algorithms.md §5, §7).
 
 Oracles: closed forms against torch.distributions, the full-covariance sampling check of
 §10 item 10 (including the L^{-1} transposition bug it must catch), and serialization.

@@ -1,4 +1,4 @@
-"""IVON oracles of ALGORITHMS.md §10 (items 1-7, 9-12), float64 unless stated."""
+"""IVON oracles of docs/algorithms.md §10 (items 1-7, 9-12), float64 unless stated."""
 
 from __future__ import annotations
 

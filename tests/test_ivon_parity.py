@@ -1,4 +1,4 @@
-"""Golden parity with the reference IVON (`ivon-opt` 0.1.3), ALGORITHMS.md §2.1 and §10.8.
+"""Golden parity with the reference IVON (`ivon-opt` 0.1.3), docs/algorithms.md §2.1 and §10.8.
 
 `vbpc.IVON(parity=True)` must give ``torch.equal`` means, ``h`` and momentum at every step.
 Skips cleanly when `ivon-opt` (GPL, an optional test oracle only) is not installed.

@@ -1,4 +1,4 @@
-"""IVON-PoCo / IVON-PoCoMo oracles (ALGORITHMS.md §4 P3-P5, §6, §10.15-18)."""
+"""IVON-PoCo / IVON-PoCoMo oracles (docs/algorithms.md §4 P3-P5, §6, §10.15-18)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State bytes per parameter (ALGORITHMS.md §6.4), exact for fp32 parameters."""
+"""State bytes per parameter (docs/algorithms.md §6.4), exact for fp32 parameters."""
 
 from __future__ import annotations
 

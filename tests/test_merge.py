@@ -1,4 +1,4 @@
-"""Model merging, ALGORITHMS.md eq. (31) and oracle §10.23: quadratic tasks merge to the joint posterior."""
+"""Model merging, docs/algorithms.md eq. (31) and oracle §10.23: quadratic tasks merge to the joint posterior."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vbpc.metrics oracles (ALGORITHMS.md §9 and §10 oracles 24–27): hand values, closed forms,
+"""vbpc.metrics oracles (docs/algorithms.md §9 and §10 oracles 24–27): hand values, closed forms,
 scikit-learn and torchmetrics agreement."""
 
 from __future__ import annotations

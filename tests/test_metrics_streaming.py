@@ -1,5 +1,5 @@
 """vbpc.metrics streaming accumulators, merging, state dicts, distributed sync, token-level LM
-metrics and bootstrap intervals (ALGORITHMS.md §9)."""
+metrics and bootstrap intervals (docs/algorithms.md §9)."""
 
 from __future__ import annotations
 

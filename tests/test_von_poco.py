@@ -1,4 +1,4 @@
-"""VON / VON-PoCo (full Gaussian, Newton-like): P6, P7 and the α=0 identity (ALGORITHMS.md §4, §7, §10.19-20)."""
+"""VON / VON-PoCo (full Gaussian, Newton-like): P6, P7 and the α=0 identity (docs/algorithms.md §4, §7, §10.19-20)."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ def _add_continual(sub: Any) -> None:
     _config_command(
         sub, "continual", "ContinualConfig", "continual.run_continual", "examples/configs/continual_*.yaml",
         "continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a memory",
-        "Methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29). Config keys (vbpc.config."
+        "Methods x seeds over a task sequence (docs/algorithms.md §8, eq. 29). Config keys (vbpc.config."
         "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
         "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, ess, "
         "memory_curvature_mc, root}; learner.{name (ivon), lr, weight_decay, kwargs}; methods (naive, vcl, poco, "

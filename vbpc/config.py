@@ -164,7 +164,7 @@ class TasksConfig:
 
 @dataclass
 class ContinualConfig:
-    """``vbpc continual``: methods x seeds over a task sequence (ALGORITHMS.md §8, eq. 29)."""
+    """``vbpc continual``: methods x seeds over a task sequence (docs/algorithms.md §8, eq. 29)."""
 
     model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)

@@ -1,8 +1,8 @@
-r"""Functional core of vbpc's diagonal-Gaussian learners (ALGORITHMS.md §2).
+r"""Functional core of vbpc's diagonal-Gaussian learners (docs/algorithms.md §2).
 
 Each function mirrors one equation and comes in a single-tensor and a multi-tensor
 (``torch._foreach_*``) kernel, dispatched as in ``torch/optim/adam.py``.  Both kernels
-perform *the same IEEE operations in the same association* (ALGORITHMS.md §2.1 item 5),
+perform *the same IEEE operations in the same association* (docs/algorithms.md §2.1 item 5),
 so they agree bit for bit with each other and with the reference IVON.  Callers may pass
 preallocated ``scratch`` tensors: the hot loop then allocates nothing (large CPU
 allocations cost page faults, often more than the arithmetic).
@@ -103,7 +103,7 @@ def gaussian_noise_(
     r"""Scale standard normals in place into posterior noise, eq. (5)/(10).
 
     :math:`n = z / \mathrm{sqrt}(\lambda\cdot(h+\delta))` with add, multiply, ``sqrt`` and true
-    division (no ``rsqrt``), ALGORITHMS.md §2.1 item 3.  Returns ``z`` (now holding ``n``).
+    division (no ``rsqrt``), docs/algorithms.md §2.1 item 3.  Returns ``z`` (now holding ``n``).
     """
     if foreach is None:
         foreach = default_foreach(z)
@@ -198,7 +198,7 @@ def ivon_update_(
     scratch: Optional[tuple[list[Tensor], list[Tensor]]] = None,
     foreach: Optional[bool] = None,
 ) -> None:
-    r"""One IVON update of :math:`(g, h, m)` in place, eqs. (7)-(9), ALGORITHMS.md §2.
+    r"""One IVON update of :math:`(g, h, m)` in place, eqs. (7)-(9), docs/algorithms.md §2.
 
     .. math::
         g &\leftarrow (\beta_1 g) + ((1-\beta_1)\hat g)\\
@@ -210,7 +210,7 @@ def ivon_update_(
     (already rescaled by :math:`h_0+\delta` if requested) and ``bias_correction`` is
     :math:`c_t = 1-\beta_1^t` (1 without debiasing).  ``g_hat`` and ``h_hat`` are consumed
     as scratch, as are the two optional ``scratch`` lists.  Association follows
-    ALGORITHMS.md §2.1 item 5 exactly.
+    docs/algorithms.md §2.1 item 5 exactly.
     """
     if foreach is None:
         foreach = default_foreach(means)
@@ -342,7 +342,7 @@ def ivon_update_fast_(
     ``stat`` is consumed; ``g_hat`` is only read.  Agrees with the exact path to rounding (tested).
 
     ``prior_shift`` (optional) :math:`e` is added to the numerator, :math:`g/c_t+\delta m+e`, outside
-    the momentum: the vector prior of ALGORITHMS.md §8 passes
+    the momentum: the vector prior of docs/algorithms.md §8 passes
     :math:`e=\delta_v\odot(m-m_0)-\delta m` (see :class:`vbpc.inference.continual.ContinualIVON`).
     """
     if foreach is None:

@@ -1,4 +1,4 @@
-"""How much memory a learner's state takes (ALGORITHMS.md §6.4): persistent optimizer state,
+"""How much memory a learner's state takes (docs/algorithms.md §6.4): persistent optimizer state,
 anchor buffers and priors, in bytes and bytes per trainable parameter."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@ r"""Gaussian posteriors over the parameters of any :class:`torch.nn.Module`.
 
 A :class:`DiagonalGaussian` holds, per named parameter tensor, a mean :math:`m`, a
 per-example curvature :math:`h`, an effective sample size :math:`\lambda` (``ess``) and
-a prior precision per example :math:`\delta` (``weight_decay``), ALGORITHMS.md eq. (3):
+a prior precision per example :math:`\delta` (``weight_decay``), docs/algorithms.md eq. (3):
 
 .. math::
     q(\theta) = \mathcal N\big(m, \mathrm{diag}(S)^{-1}\big), \qquad S=\lambda(h+\delta),
@@ -14,7 +14,7 @@ view on the optimizer's tensors without copying.  A posterior built from a preci
 
 Sampling into a module is a context manager that writes :math:`\theta=m+\sigma\odot z`
 *in place* into the live parameters and restores them **bit for bit** on exit, also
-when the body raises (ALGORITHMS.md §2.2 fix 2, oracle §10.5).
+when the body raises (docs/algorithms.md §2.2 fix 2, oracle §10.5).
 """
 
 from __future__ import annotations
@@ -542,7 +542,7 @@ class DiagonalGaussian(GaussianPosterior):
 
 
 def _state_dtype(dtype: torch.dtype, floor: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype state is kept in: at least ``floor`` (fp32), ALGORITHMS.md §2.2 fix 5."""
+    """The dtype state is kept in: at least ``floor`` (fp32), docs/algorithms.md §2.2 fix 5."""
     return torch.promote_types(dtype, floor)
 
 
@@ -578,7 +578,7 @@ def _check_same_layout(post: GaussianPosterior, state: Mapping) -> None:
 
 
 class IsotropicGaussian(GaussianPosterior):
-    r"""Isotropic Gaussian :math:`\mathcal N(m,\sigma^2I)` over named tensors (ALGORITHMS.md §5).
+    r"""Isotropic Gaussian :math:`\mathcal N(m,\sigma^2I)` over named tensors (docs/algorithms.md §5).
 
     ``sigma`` is a 0-d float64 tensor: fixed, or updated by a learner when ``learn_sigma``.
     :math:`\sigma=0` is the delta method (VSGD-PoCo with σ=0 is SVRG, §4 P1): samples are the
@@ -672,7 +672,7 @@ class IsotropicGaussian(GaussianPosterior):
 
 
 class FullGaussian(GaussianPosterior):
-    r"""Full-covariance Gaussian :math:`\mathcal N(m,S^{-1})` over named tensors (ALGORITHMS.md §7).
+    r"""Full-covariance Gaussian :math:`\mathcal N(m,S^{-1})` over named tensors (docs/algorithms.md §7).
 
     ``precision`` is the sum-scale :math:`S` as a symmetric positive-definite ``(d, d)``
     float64 matrix over the row-major concatenation of the tensors.  Sampling uses

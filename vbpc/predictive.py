@@ -1,4 +1,4 @@
-r"""Predictive distributions by Bayesian model averaging (ALGORITHMS.md §9, eq. 33).
+r"""Predictive distributions by Bayesian model averaging (docs/algorithms.md §9, eq. 33).
 
 Given a model and a :class:`~vbpc.GaussianPosterior`, draw :math:`\theta_s\sim q`, :math:`s=1..S`,
 in ``model.eval()`` without gradients, and average **probabilities**:
@@ -66,7 +66,7 @@ class Vectorize(str, enum.Enum):
 
 class Task(str, enum.Enum):
     """What the model predicts: ``"classification"`` (``(B, C)`` logits) or ``"causal_lm"``
-    (``(B, T, V)`` logits; position t predicts token t+1, ALGORITHMS.md §9 token-level)."""
+    (``(B, T, V)`` logits; position t predicts token t+1, docs/algorithms.md §9 token-level)."""
 
     CLASSIFICATION = "classification"
     CAUSAL_LM = "causal_lm"

@@ -2,7 +2,7 @@
 
 A *scope* picks named parameters of any :class:`torch.nn.Module`.  Out-of-scope and
 frozen (``requires_grad=False``) parameters are never perturbed, decayed or given
-optimizer state (ALGORITHMS.md §2.2, fix 4).  Options are string enums in the style of
+optimizer state (docs/algorithms.md §2.2, fix 4).  Options are string enums in the style of
 laplace-torch::
 
     select_parameters(model)                                  # all trainable (default)

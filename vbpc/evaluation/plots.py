@@ -1,4 +1,4 @@
-"""Matplotlib figures for the evaluation report, saved as PNG atomically (ALGORITHMS.md §9).
+"""Matplotlib figures for the evaluation report, saved as PNG atomically (docs/algorithms.md §9).
 
 * :func:`plot_reliability`: per-bin accuracy vs confidence (eq. 34 bins) over a confidence histogram;
 * :func:`plot_ood_scores`: histograms of the OOD score for in-domain and OOD inputs;

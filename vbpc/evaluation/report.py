@@ -2,7 +2,7 @@ r"""One-call uncertainty evaluation: predictive, metric suite with bootstrap CIs
 
 :func:`evaluate_uncertainty` runs the predictive of eq. (33) (:func:`vbpc.predictive.predict`,
 ``n_samples`` draws, or the mean weights) over an in-domain loader and, optionally, an OOD
-loader, and computes (ALGORITHMS.md §9) accuracy, NLL, Brier, ECE/MCE/adaptive ECE (15 bins),
+loader, and computes (docs/algorithms.md §9) accuracy, NLL, Brier, ECE/MCE/adaptive ECE (15 bins),
 entropy, aleatoric/epistemic (MI) uncertainty, AURC and misclassification AUROC, and OOD
 AUROC / AUPR-in / AUPR-out / FPR@95 — each with a percentile-bootstrap interval.
 :func:`write_report` writes, for one or several methods, ``report.json`` (everything),

@@ -1,4 +1,4 @@
-r"""Knowledge adaptation by posterior correction (ALGORITHMS.md §8): continual learning and
+r"""Knowledge adaptation by posterior correction (docs/algorithms.md §8): continual learning and
 finetuning from an anchored pretrained posterior.
 
 **Vector prior.**  Every workflow replaces IVON's prior :math:`\mathcal N(0,(\lambda\delta)^{-1}I)`
@@ -85,7 +85,7 @@ PRE_MEANS = tuple(c.value for c in PreMean)
 
 class ContinualIVON(IVONPoCo):
     r"""IVON with the Gaussian prior :math:`q_{old}` and, optionally, the posterior-correction term on
-    a replay memory (ALGORITHMS.md §8, eq. 29; the module docstring derives the update).
+    a replay memory (docs/algorithms.md §8, eq. 29; the module docstring derives the update).
 
     Args:
         params: the parameters (``model.parameters()`` or groups), already at :math:`m_{old}` or

@@ -1,4 +1,4 @@
-r"""IVON: improved variational online Newton (ALGORITHMS.md §2), a ``torch.optim.Optimizer``.
+r"""IVON: improved variational online Newton (docs/algorithms.md §2), a ``torch.optim.Optimizer``.
 
 .. math::
     \textbf{input}: &\ \text{lr } a,\ \text{ess }\lambda,\ h_0,\ \beta_1,\ \beta_2,\ \delta,\ S,\ \xi\\
@@ -12,7 +12,7 @@ r"""IVON: improved variational online Newton (ALGORITHMS.md §2), a ``torch.opti
         \eta_t=a(h_0+\delta) \hfill (9)
 
 Drop-in compatible with ``ivon.IVON`` 0.1.3 (same constructor, defaults and
-``sampled_params(train=...)`` protocol); the reference's defects listed in ALGORITHMS.md
+``sampled_params(train=...)`` protocol); the reference's defects listed in docs/algorithms.md
 §2.2 are fixed.  ``parity=True`` follows the RNG/arithmetic contract of §2.1 so that
 trajectories equal the reference's bit for bit (fp32 and fp64).
 """
@@ -129,7 +129,7 @@ def _forward_public(cls: type) -> None:
 
 
 class IVON(Optimizer):
-    r"""Improved Variational Online Newton (Shen et al., 2024), ALGORITHMS.md §2.
+    r"""Improved Variational Online Newton (Shen et al., 2024), docs/algorithms.md §2.
 
     Args:
         params: parameters, parameter groups, or ``(name, parameter)`` pairs (e.g. from

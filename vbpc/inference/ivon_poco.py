@@ -1,5 +1,5 @@
 r"""IVON-PoCo and IVON-PoCoMo: IVON with gradient and diagonal-Hessian posterior correction
-(ALGORITHMS.md §6).
+(docs/algorithms.md §6).
 
 The learner is :class:`vbpc.IVON` plus the correction of :mod:`vbpc.inference.poco`:
 
@@ -51,7 +51,7 @@ ANCHOR_UPDATES = ("frozen", "running")
 
 
 class IVONPoCo(CorrectionSchedule, IVON):
-    r"""IVON with posterior correction (ALGORITHMS.md §6; options and defaults of §6.2).
+    r"""IVON with posterior correction (docs/algorithms.md §6; options and defaults of §6.2).
 
     Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus
     ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),

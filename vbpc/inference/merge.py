@@ -1,4 +1,4 @@
-r"""Model merging by posterior multiplication (ALGORITHMS.md §8, eq. 31).
+r"""Model merging by posterior multiplication (docs/algorithms.md §8, eq. 31).
 
 Fine-tuned diagonal posteriors :math:`(m_t,p_t)`, :math:`t=1..T`, that share the base posterior
 :math:`(m_0,p_0)` as their prior multiply with the prior counted once, :math:`q_0^{1-T}\prod_t q_t`:

@@ -1,4 +1,4 @@
-r"""Posterior correction (PoCo): anchors and the corrected isotropic learner (ALGORITHMS.md §3-5).
+r"""Posterior correction (PoCo): anchors and the corrected isotropic learner (docs/algorithms.md §3-5).
 
 The correction is one component, :class:`Anchor`, composed with a base learner:
 
@@ -52,7 +52,7 @@ ANCHOR_NOISE = ("shared", "independent")
 
 
 def alpha_at(alpha0: float, schedule: str, interval: int, n_intervals: Optional[int]) -> float:
-    r""":math:`\alpha` in anchor interval ``interval`` (0-based), ALGORITHMS.md §4 P2 / §6.2.
+    r""":math:`\alpha` in anchor interval ``interval`` (0-based), docs/algorithms.md §4 P2 / §6.2.
 
     ``"constant"``: :math:`\alpha_0`.  ``"linear"``: ``linspace(α0, 0, K)[k]`` (:math:`\alpha_0`
     if :math:`K=1`, exactly 0 in the last interval and after it).
@@ -82,7 +82,7 @@ def batch_size_of(batch: Any) -> int:
 
 
 class Anchor:
-    r"""The anchored posterior's mean snapshot and mega-batch statistics (ALGORITHMS.md §6.1).
+    r"""The anchored posterior's mean snapshot and mega-batch statistics (docs/algorithms.md §6.1).
 
     Holds, per parameter, :math:`m_{out}` and :math:`\bar g_{out}`; ``sigma`` is the isotropic
     spread at refresh time.  ``device`` puts the buffers elsewhere (e.g. ``"cpu"`` to offload
@@ -215,7 +215,7 @@ class Anchor:
         :math:`\hat h'=z'\odot\hat g'/\sigma_{out}` (eq. 5) is averaged too.  ``antithetic`` evaluates
         each draw as a pair :math:`\pm z'` (2·``refresh_mc`` passes per chunk), which cancels the
         :math:`z'\odot\nabla\bar\ell_C(m_{out})/\sigma_{out}` term that dominates the Price estimate's
-        variance when σ is small (the [vbpc] device of ALGORITHMS.md §8, eq. 30).  ``means`` overrides
+        variance when σ is small (the [vbpc] device of docs/algorithms.md §8, eq. 30).  ``means`` overrides
         the snapshot source (fp32 master weights).  Nothing is published unless the pass completes
         with finite statistics; then the mean, the statistics and ``extra`` (the family's snapshot,
         e.g. :math:`h_{out},\lambda_{out},\delta_{out}`) are swapped in together (:meth:`publish`).
@@ -357,7 +357,7 @@ def _allreduce_means(g_bar: Optional[list[Tensor]], h_bar: Optional[list[Tensor]
 
 
 class CorrectionSchedule:
-    """When the anchor is refreshed and how strongly it corrects (ALGORITHMS.md §6.2), shared by
+    """When the anchor is refreshed and how strongly it corrects (docs/algorithms.md §6.2), shared by
     every corrected learner: α (constant or linear), period T, warm-up :math:`t_w`, the step
     counter ``t`` and the :class:`Anchor`."""
 
@@ -659,7 +659,7 @@ class VSGD(VSGDPoCo):
 
 
 class SVRG(VSGDPoCo):
-    r"""SVRG (Johnson & Zhang 2013) as VSGD-PoCo with σ=0, α=1 (ALGORITHMS.md §4 P1, eq. 19).
+    r"""SVRG (Johnson & Zhang 2013) as VSGD-PoCo with σ=0, α=1 (docs/algorithms.md §4 P1, eq. 19).
 
     .. math:: \theta\leftarrow\theta-\rho\big[\nabla\bar\ell_B(\theta)-\nabla\bar\ell_B(\theta_{out})
         +\nabla\bar\ell(\theta_{out})+\delta\theta\big]
@@ -672,7 +672,7 @@ class SVRG(VSGDPoCo):
 
 
 class AlphaSVRG(VSGDPoCo):
-    r"""α-SVRG (Yin et al., ICLR 2025) with an SGD base (ALGORITHMS.md §4 P2):
+    r"""α-SVRG (Yin et al., ICLR 2025) with an SGD base (docs/algorithms.md §4 P2):
     :math:`\tilde g=\nabla\bar\ell_B(\theta)-\alpha_k(\nabla\bar\ell_B(\theta_{out})-\bar g_{out})`.
 
     ``alpha_schedule="linear"`` (default) decays :math:`\alpha_k=\mathrm{linspace}(\alpha_0,0,K)[k]`.

@@ -1,4 +1,4 @@
-"""Capture and restore every global random-number state (ALGORITHMS.md §6.3).
+"""Capture and restore every global random-number state (docs/algorithms.md §6.3).
 
 The posterior-corrected learners evaluate the closure twice on the same batch: once at the
 current weight sample and once at the anchor sample.  In-forward randomness (dropout,

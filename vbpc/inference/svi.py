@@ -2,7 +2,7 @@ r"""Pyro interoperability: a Bayes-by-backprop baseline and vbpc posteriors as P
 
 **Bayes by backprop** (Blundell et al., 2015) through Pyro's stochastic variational
 inference, on the *same* ``nn.Module`` that vbpc's learners train.  With vbpc's scaling
-convention (ALGORITHMS.md §1: mean loss, ``ess`` :math:`=\lambda`, ``weight_decay``
+convention (docs/algorithms.md §1: mean loss, ``ess`` :math:`=\lambda`, ``weight_decay``
 :math:`=\delta`) :class:`BayesByBackprop` minimises the negative ELBO of eq. (2) over a
 mean-field Gaussian :math:`q=\mathcal N(m,\mathrm{diag}(\sigma^2))`,
 
@@ -466,7 +466,7 @@ class MeanFieldGuide(PyroModule):
 class BayesByBackprop:
     r"""Bayes by backprop (mean-field VI, reparameterised) with Pyro SVI on any ``nn.Module``.
 
-    Minimises, per mini-batch :math:`B`, ALGORITHMS.md eq. (2)
+    Minimises, per mini-batch :math:`B`, docs/algorithms.md eq. (2)
 
     .. math::
         \mathcal E(q)=\frac{\lambda}{|B|}\sum_{i\in B}\mathbb E_q[-\log p(y_i\mid x_i,\theta)]

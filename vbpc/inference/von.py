@@ -1,5 +1,5 @@
 r"""VON and VON-PoCo: full-Gaussian, Newton-like variational learning with posterior correction
-(ALGORITHMS.md §7).
+(docs/algorithms.md §7).
 
 State: mean :math:`m`, symmetric :math:`P`, :math:`S=\lambda(P+\delta I)`; anchor
 :math:`m_{out},P_{out},\bar g_{out},\bar H_{out}`.  With :math:`G_B,H_B` the expected gradient and

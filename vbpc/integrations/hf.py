@@ -16,7 +16,7 @@ r"""Train any Hugging Face model with :class:`vbpc.IVON` or :class:`vbpc.IVONPoC
 What it changes, for a vbpc learner only (other optimizers run the stock ``training_step``):
 
 * every micro-batch (``gradient_accumulation_steps``) is one MC sample with its own weight draw,
-  and the learner averages the micro-batch gradients itself (ALGORITHMS.md §12 pitfall 9), so the
+  and the learner averages the micro-batch gradients itself (docs/algorithms.md §12 pitfall 9), so the
   loss is **not** divided by the accumulation count (the returned, logged loss is, as HF reports it);
   ``p.grad`` is cleared before each micro-batch (the previous sample is already collected);
 * IVON: the forward and backward run inside ``optimizer.sampled_params(train=True)``;

@@ -1,4 +1,4 @@
-r"""Uncertainty and calibration metrics for Bayesian predictives (ALGORITHMS.md §9).
+r"""Uncertainty and calibration metrics for Bayesian predictives (docs/algorithms.md §9).
 
 Functional metrics take the predictive :math:`\bar p` ``(N, C)`` (``inputs="probs"``, the
 default; ``"log_probs"`` for eq. 33's logsumexp output; ``"logits"``) and integer labels

@@ -1,8 +1,8 @@
-"""Input validation and conversions shared by :mod:`vbpc.metrics` (ALGORITHMS.md §9).
+"""Input validation and conversions shared by :mod:`vbpc.metrics` (docs/algorithms.md §9).
 
 Every public metric converts its inputs here, so that bad input fails with one clear
 :class:`ValueError` naming the argument and the problem, and every metric computes in
-float64 (ALGORITHMS.md §9: "Classification metrics on p̄ (float64)").
+float64 (docs/algorithms.md §9: "Classification metrics on p̄ (float64)").
 
 Normalisation tolerance.  Probabilities must sum to 1 (log-probabilities: ``logsumexp`` 0)
 within ``max(1e-4, 2·C·eps(dtype))`` per row: 1e-4 for float32/float64 inputs of moderate

@@ -1,4 +1,4 @@
-r"""Percentile-bootstrap confidence intervals (ALGORITHMS.md §9 "Intervals").
+r"""Percentile-bootstrap confidence intervals (docs/algorithms.md §9 "Intervals").
 
 ``n_boot=1000`` resamples with replacement, a fixed ``seed`` (a CPU :class:`torch.Generator`),
 a ``level=0.95`` interval between the :math:`(1\mp\text{level})/2` quantiles of the resampled

@@ -1,4 +1,4 @@
-r"""Classification metrics on the predictive :math:`\bar p` (ALGORITHMS.md §9, eq. 34).
+r"""Classification metrics on the predictive :math:`\bar p` (docs/algorithms.md §9, eq. 34).
 
 All metrics compute in float64 from ``pred`` ``(N, C)`` and integer ``labels`` ``(N,)``.
 ``pred`` holds probabilities by default; ``inputs="log_probs"`` takes :math:`\log\bar p` as

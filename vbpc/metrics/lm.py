@@ -1,4 +1,4 @@
-r"""Token-level calibration of language models (ALGORITHMS.md §9 "Token-level calibration").
+r"""Token-level calibration of language models (docs/algorithms.md §9 "Token-level calibration").
 
 Given predictions ``(B, T, V)`` (``"logits"`` by default, or :math:`\log\bar p` from the running
 ``logaddexp`` BMA of eq. 33 with ``inputs="log_probs"``) and ``labels`` ``(B, T)``:

@@ -1,4 +1,4 @@
-r"""Out-of-distribution detection and misclassification detection (ALGORITHMS.md §9, eq. 36).
+r"""Out-of-distribution detection and misclassification detection (docs/algorithms.md §9, eq. 36).
 
 In-domain examples are the **positives**; the score :math:`s` grows with in-domain-ness:
 ``"max_prob"`` :math:`\max_c\bar p_c` (default), ``"entropy"`` :math:`-\mathcal H[\bar p]`,

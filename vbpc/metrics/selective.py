@@ -1,4 +1,4 @@
-r"""Selective prediction: risk–coverage curve and AURC (ALGORITHMS.md §9).
+r"""Selective prediction: risk–coverage curve and AURC (docs/algorithms.md §9).
 
 Examples are sorted by confidence :math:`c_i=\max_c\bar p_{ic}` in **descending** order with a
 stable sort (equal confidences keep their input order).  Answering only the :math:`k` most

@@ -1,4 +1,4 @@
-r"""Streaming, mergeable metric accumulators (ALGORITHMS.md §9).
+r"""Streaming, mergeable metric accumulators (docs/algorithms.md §9).
 
 Each accumulator keeps
 

@@ -1,4 +1,4 @@
-r"""Uncertainty decomposition of a Bayesian model average (ALGORITHMS.md §9, eq. 35).
+r"""Uncertainty decomposition of a Bayesian model average (docs/algorithms.md §9, eq. 35).
 
 From a **sample-first** stack ``(S, N, C)`` of per-sample predictive distributions
 :math:`p_s` (torch-uncertainty uses ``(B, N, C)`` instead), in nats, with :math:`0\log0=0`

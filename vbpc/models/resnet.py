@@ -2,7 +2,7 @@ r"""CIFAR-style ResNet-20 (He et al., 2016, §4.2) with FilterResponseNorm, Batc
 
 Three stages of ``n=3`` basic blocks with 16, 32 and 64 channels (``width`` multiplies them),
 a 3x3 stem, global average pooling and one linear layer: :math:`6n+2=20` weighted layers.
-``norm="frn"`` (default) is the variant of IVON's published results (ALGORITHMS.md §11):
+``norm="frn"`` (default) is the variant of IVON's published results (docs/algorithms.md §11):
 every ``norm + ReLU`` pair becomes FRN+TLU, so the network has no batch dependence and no
 running statistics; ``norm="bn"`` is the classic BatchNorm network (see :mod:`vbpc.nn.norm`
 for how vbpc treats its running statistics under weight noise); ``norm="gn"`` uses GroupNorm.

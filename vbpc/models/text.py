@@ -1,7 +1,7 @@
 """Transformers for text: a character/byte-level GPT-2 and a classifier on any local HF encoder.
 
 * :func:`char_gpt2` builds ``transformers.GPT2LMHeadModel`` from a ``GPT2Config`` (random init,
-  no download) for character or byte vocabularies (ALGORITHMS.md §11 trains GPT-2 with IVON).
+  no download) for character or byte vocabularies (docs/algorithms.md §11 trains GPT-2 with IVON).
 * :class:`EncoderClassifier` puts a linear head on a pretrained encoder loaded from a local
   directory with ``AutoModel.from_pretrained(path, local_files_only=True)``;
   :func:`minilm_path` finds the 22.7M-parameter MiniLM (BERT) shipped by PyPI

@@ -1,6 +1,6 @@
 """Hand-built Bayesian networks: layers that store a diagonal Gaussian (mean + precision).
 
-See :mod:`vbpc.nn.layers` and ALGORITHMS.md §1-2 (eq. 3 for the precision, eq. 5 for samples).
+See :mod:`vbpc.nn.layers` and docs/algorithms.md §1-2 (eq. 3 for the precision, eq. 5 for samples).
 """
 
 from . import layers, norm

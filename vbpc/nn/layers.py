@@ -2,7 +2,7 @@ r"""Explicit Bayesian layers: ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` with 
 
 Each layer keeps the posterior **mean** :math:`m` as its ordinary parameters and, for every
 parameter ``w``, a persistent float32 buffer ``w_precision`` holding the sum-scale
-precision :math:`S=\lambda(h+\delta)` of ALGORITHMS.md eq. (3), so that
+precision :math:`S=\lambda(h+\delta)` of docs/algorithms.md eq. (3), so that
 ``module.state_dict()`` persists the whole posterior.  The buffer suffix is
 :data:`vbpc.posterior.BAYES_PRECISION_SUFFIX`, which is what
 :meth:`vbpc.DiagonalGaussian.from_module` reads (sharing the buffer as the posterior's
@@ -108,7 +108,7 @@ class BayesModule(nn.Module):
 
         The mean itself when ``sample_weights`` is False (or the parameter is ``None``), else
         the out-of-place sample :math:`m + z/\mathrm{sqrt}(S)`, drawn from the global RNG in
-        ``promote(dtype, float32)`` and cast to the parameter's dtype (ALGORITHMS.md §2.1
+        ``promote(dtype, float32)`` and cast to the parameter's dtype (docs/algorithms.md §2.1
         item 3 arithmetic: ``sqrt`` then true division).
         """
         p = getattr(self, name)
@@ -128,7 +128,7 @@ class BayesModule(nn.Module):
         """Keep precision buffers float32 under ``.half()``/``.bfloat16()``/``.double()``.
 
         A device move is still applied; only a dtype change of a precision buffer is undone
-        (fp16 would overflow precisions above 65504; ALGORITHMS.md §2.2 fix 5 keeps state fp32).
+        (fp16 would overflow precisions above 65504; docs/algorithms.md §2.2 fix 5 keeps state fp32).
         """
         before = {k: self._buffers[k] for k in self._buffers if k.endswith(BAYES_PRECISION_SUFFIX)}
         out = super()._apply(fn, recurse)
@@ -148,7 +148,7 @@ class BayesLinear(BayesModule, nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
         init_precision: initial value :math:`S` of the ``weight_precision``/``bias_precision``
-            buffers (sum-scale precision, ALGORITHMS.md eq. (3)); must be finite and > 0.
+            buffers (sum-scale precision, docs/algorithms.md eq. (3)); must be finite and > 0.
             The default 1e4 gives a weight standard deviation of 0.01.
 
     Attributes:

@@ -1,7 +1,7 @@
 r"""Normalisation under weight noise: FilterResponseNorm and BatchNorm running statistics.
 
 **FilterResponseNorm** (Singh & Krishnan, 2019), the norm of IVON's published vision results
-(ALGORITHMS.md §11), normalises each channel of each example by its own mean square, so it has
+(docs/algorithms.md §11), normalises each channel of each example by its own mean square, so it has
 no batch dependence and no running statistics:
 
 .. math::
@@ -9,7 +9,7 @@ no batch dependence and no running statistics:
     y=\gamma_c\,\frac{x}{\sqrt{\nu^2_{nc}+\epsilon}}+\beta_c,\qquad
     \mathrm{TLU}(y)=\max(y,\tau_c).
 
-**BatchNorm under weight noise** (ALGORITHMS.md §12 pitfall 14).  vbpc's policy:
+**BatchNorm under weight noise** (docs/algorithms.md §12 pitfall 14).  vbpc's policy:
 
 * a training step's *first* Monte-Carlo pass updates the running statistics, as one ordinary
   forward would; extra MC passes (``mc_samples > 1``) and every anchor pass of a corrected
@@ -223,7 +223,7 @@ class RunningStatsGuard:
                 f"{owner}: the model has BatchNorm; its running statistics are gathered under weight noise and "
                 f"serve every test sample. Policy norm_update={self.update.value!r}: anchor and extra MC passes "
                 "leave them untouched. For Bayesian model averaging consider vbpc.nn.recalibrate_batchnorm per "
-                "sample, or FilterResponseNorm/GroupNorm (ALGORITHMS.md §12.14).",
+                "sample, or FilterResponseNorm/GroupNorm (docs/algorithms.md §12.14).",
                 UserWarning, stacklevel=3)
 
     def __call__(self, *, first: bool, anchor: bool = False) -> ContextManager[None]:

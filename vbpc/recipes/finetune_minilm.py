@@ -21,7 +21,7 @@ Methods (``--methods``, each for every ``--seeds``), all on the same batches:
   :func:`vbpc.pretrained_posterior` (the same curvature pass) becomes the prior of
   :class:`vbpc.ContinualIVON` (prior-focused; eq. 29 without the correction).
 
-Reports test accuracy, NLL, ECE and OOD AUROC (max probability, in-domain positive; ALGORITHMS.md
+Reports test accuracy, NLL, ECE and OOD AUROC (max probability, in-domain positive; docs/algorithms.md
 §9), by Bayesian model averaging (``--test-samples``) for the variational methods, as mean ± std
 over seeds; writes ``metrics.jsonl``, ``results.json``, ``results.md`` and ``curves.png`` to ``--out``.
 ``--config FILE.yaml`` and ``--set key=value`` set any option (examples/configs/finetune_minilm.yaml).

@@ -3,7 +3,7 @@
 All three train the same architecture (``--model lenet``, default, or ``resnet20`` with
 FilterResponseNorm) for the same number of epochs and batches, in one process; the test set is
 scored at the mean weights and, for the two Bayesian methods, by Bayesian model averaging over
-``--test-samples`` posterior samples (ALGORITHMS.md eq. 33)::
+``--test-samples`` posterior samples (docs/algorithms.md eq. 33)::
 
     vbpc cnn                                  # LeNet-5, 2 epochs each, a few minutes on 2 cores
     python examples/fmnist_cnn.py --methods ivon,adamw --epochs 5

