@@ -36,7 +36,7 @@ from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .closures import closure_loss, require_grads
 from .gradwatch import FOREIGN_GRADS, GradWatch, is_placeholder
-from .rng import capture_rng, restore_rng
+from .._runtime import capture_rng, restore_rng
 from ..functional import (
     check_clip_grad_norm,
     clip_coef,
@@ -54,7 +54,7 @@ from ..functional import (
 from ..nn.norm import RunningStatsGuard
 from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
 from ..scope import warn_outside_scope
-from . import distributed as ranks
+from .. import _runtime as ranks
 
 __all__ = ["IVON"]
 

@@ -36,11 +36,11 @@ from .. import _dtensor as dt
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
-from . import distributed as ranks
+from .. import _runtime as ranks
 from .gradwatch import GradWatch, is_placeholder
 from .ivon import IVON
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
-from .rng import capture_rng, restore_rng
+from .._runtime import capture_rng, restore_rng
 
 __all__ = ["IVONPoCo", "IVONPoCoMo", "ALPHA_MODES", "ANCHOR_UPDATES"]
 

@@ -42,8 +42,8 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import check_clip_grad_norm, clip_coef, poco_correct_
 from ..nn.norm import RunningStatsGuard, preserved_running_stats
 from ..posterior import perturbation
-from . import distributed as ranks
-from .rng import capture_rng, restore_rng
+from .. import _runtime as ranks
+from .._runtime import capture_rng, restore_rng
 
 __all__ = ["Anchor", "CorrectionSchedule", "VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG", "alpha_at", "batch_size_of"]
 

@@ -36,8 +36,8 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
 from ..posterior import FullGaussian, _cholesky, _MeanEntry, perturbation
 from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
-from . import distributed as ranks
-from .rng import capture_rng, restore_rng
+from .. import _runtime as ranks
+from .._runtime import capture_rng, restore_rng
 
 __all__ = ["VONPoCo", "VON"]
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import TRAIN_LEARNERS, TrainConfig, to_dict
 from ..data import load_dataset, make_loader, seed_everything
-from ..inference.rng import restore_rng, rng_from_state_dict, rng_state_dict
+from .._runtime import restore_rng, rng_from_state_dict, rng_state_dict
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
 from ..training import evaluate, warmup_cosine_scheduler
