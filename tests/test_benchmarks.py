@@ -312,8 +312,40 @@ def test_readme_regeneration(tmp_path):
 def test_readme_blocks_all_have_result_files():
     import readme
 
-    text = (readme.ROOT / "README.md").read_text()
-    names = readme.blocks(text)
-    assert {"speed.md", "convex.md", "calibration.md", "lm.md", "ablation.md"} <= set(names)
-    for name in names:
-        assert (readme.ROOT / "benchmarks" / "results" / name).is_file(), name
+    for page in (readme.ROOT / "README.md", readme.DOCS / "benchmarks.md"):
+        for name in readme.blocks(page.read_text()):
+            assert (readme.ROOT / "benchmarks" / "results" / name).is_file(), (page, name)
+    # the documentation's benchmarks page shows every result table
+    docs = set(readme.blocks((readme.DOCS / "benchmarks.md").read_text()))
+    assert {"speed.md", "convex.md", "calibration.md", "lm.md", "ablation.md"} <= docs
+    assert set(readme.result_files()) <= docs
+
+
+def test_docs_benchmarks_page_regeneration(tmp_path):
+    import readme
+
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "quick").mkdir()
+    (results / "a_runs").mkdir()
+    (results / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    (results / "b.md").write_text("| y |\n")
+    (results / "sub" / "fig.png").write_bytes(b"png-1")
+    (results / "quick" / "q.png").write_bytes(b"quick")
+    (results / "a_runs" / "r.png").write_bytes(b"run")
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# B\n<!-- results:a.md -->\n<!-- /results:a.md -->\n![f](figures/sub/fig.png)\n"
+                    "<!-- figures -->\nold\n<!-- /figures -->\n")
+    figures = tmp_path / "figures"
+    assert readme.update_docs(page, results, figures) == (["a.md"], [], ["b.md"])
+    text = page.read_text()
+    assert "<!-- results:a.md -->\n| x |\n|---|\n| 1 |\n<!-- /results:a.md -->" in text
+    assert "<!-- figures -->\n* [sub/fig.png](figures/sub/fig.png)\n<!-- /figures -->" in text
+    assert (figures / "sub" / "fig.png").read_bytes() == b"png-1"
+    assert not (figures / "quick").exists() and not (figures / "a_runs").exists()
+    mtime = (figures / "sub" / "fig.png").stat().st_mtime_ns
+    assert readme.update_docs(page, results, figures) == ([], [], ["b.md"])  # a second run changes nothing
+    assert page.read_text() == text and (figures / "sub" / "fig.png").stat().st_mtime_ns == mtime
+    (results / "sub" / "fig.png").write_bytes(b"png-2")
+    assert readme.copy_figures(results, figures) == ["sub/fig.png"]
+    assert (figures / "sub" / "fig.png").read_bytes() == b"png-2"
