@@ -1,1 +1,0 @@
-"""Runnable recipes shared by the ``vbpc`` command and ``examples/``."""
