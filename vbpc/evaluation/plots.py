@@ -21,27 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ..io import atomic_path  # noqa: E402
+from ..reporting import log_yaxis, save_figure  # noqa: E402,F401 (re-exported)
 
 __all__ = ["log_yaxis", "plot_ood_scores", "plot_reliability", "plot_risk_coverage", "save_figure"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def save_figure(fig: Any, path: PathLike, dpi: int = 120) -> None:
-    """``fig.savefig`` to ``path`` atomically (PNG) and close the figure."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def log_yaxis(ax: Any) -> None:
-    """A log-scale y axis whose major and minor ticks read as plain numbers (``12``, not ``1.2\\times10^1``)."""
-    from matplotlib.ticker import FormatStrFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
 def plot_reliability(diagrams: Mapping[str, Any], path: Optional[PathLike] = None, title: str = "") -> Any:

@@ -1,5 +1,6 @@
-"""Workflows run by the ``vbpc`` command: ``train`` (more to come: continual, finetune, merge)."""
+"""Workflows run by the ``vbpc`` command, each a function of a typed config (:mod:`vbpc.config`):
+``train``, ``continual``, ``merging`` (``merge-eval`` and ``merge``), ``finetune``, ``cnn`` and ``gpt``."""
 
-from .train import LEARNERS, build_learner, train
+from .train import build_learner, train
 
-__all__ = ["LEARNERS", "build_learner", "train"]
+__all__ = ["build_learner", "train"]

@@ -24,7 +24,6 @@ seen tasks' test sets.  Outputs in ``out``: ``metrics.jsonl``, ``results.json``,
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,9 +38,11 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import ContinualConfig, ConfigError, to_dict
 from ..data import load_fashion_mnist, seed_everything
+from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..metrics import ece as ece_metric
 from ..models import build_model
+from ..reporting import JsonlLog, markdown_table, mean_std, pm, save_figure, subplots, write_json
 
 __all__ = ["METHODS", "SCENARIOS", "Task", "make_tasks", "preflight", "run_continual", "forgetting"]
 
@@ -151,6 +152,13 @@ def _evaluate(model: nn.Module, tasks: list[Task], posterior: Any, samples: int,
     return {"acc": accs, "ece": ece_metric(padded, torch.cat(labels))}
 
 
+def frozen_posterior(post: Any) -> Any:
+    """A copy of a diagonal posterior that no longer shares the learner's tensors."""
+    from .. import DiagonalGaussian
+
+    return DiagonalGaussian.from_state_dict(post.state_dict())
+
+
 class _Method:
     """One method's learner over the task sequence."""
 
@@ -164,24 +172,21 @@ class _Method:
         return None if self.name == "adamw" else self.opt.posterior(self.model)
 
     def begin(self, task: Task) -> None:
-        import vbpc
-
         lc = self.cfg.learner
         kw = dict(lc.kwargs)
         ess = float(kw.pop("ess", len(task)))
         named = [(n, p) for n, p in self.model.named_parameters()]
         if self.name == "adamw":
             if self.opt is None:
-                self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.adamw_lr,
-                                             weight_decay=lc.weight_decay)
+                self.opt = get_learner("adamw").build(named, lr=self.cfg.adamw_lr, weight_decay=lc.weight_decay)
             return
         if self.opt is None:  # the first task: plain IVON for every IVON-based method
-            self.opt = vbpc.IVON(named, lr=lc.lr, ess=ess, weight_decay=lc.weight_decay, model=self.model, **kw)
+            self.opt = get_learner("ivon").build(named, lr=lc.lr, ess=ess, weight_decay=lc.weight_decay,
+                                                 model=self.model, **kw)
             return
         if self.name == "naive":  # the same IVON run continues
             return
-        prior = self.opt.posterior(self.model)
-        prior = vbpc.DiagonalGaussian.from_state_dict(prior.state_dict())  # a frozen copy
+        prior = frozen_posterior(self.opt.posterior(self.model))
         correction = self.name == "poco"
         n_old = sum(len(t) for t in self.seen)
         weight = self.cfg.tasks.memory_weight or n_old
@@ -191,9 +196,9 @@ class _Method:
             raise ConfigError(f"tasks.ess={self.cfg.tasks.ess!r}: 'task' or 'all'")
         if self.cfg.tasks.ess == "all":  # λ = every example seen: N_new/λ + N_old/λ = 1
             ess = float(n_old + len(task))
-        self.opt = vbpc.ContinualIVON(named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
-                                      weight_decay=lc.weight_decay, correction=correction,
-                                      memory_weight=weight if correction else None, **kw)
+        self.opt = get_learner("continual-ivon").build(
+            named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
+            weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None, **kw)
         if correction:
             bs = self.cfg.tasks.memory_batch_size
             chunks = [(x[i:i + bs], y[i:i + bs], c[i:i + bs]) for x, y, c in self.memory for i in range(0, len(y), bs)]
@@ -280,12 +285,6 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
     return rows
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    mu = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mu, sd
-
-
 def summarize(rows: list[dict[str, Any]], methods: list[str], n_tasks: int) -> dict[str, Any]:
     """Per method and task: mean and std over seeds of average accuracy, forgetting and ECE."""
     out: dict[str, Any] = {}
@@ -293,7 +292,7 @@ def summarize(rows: list[dict[str, Any]], methods: list[str], n_tasks: int) -> d
         per = {}
         for t in range(1, n_tasks + 1):
             sel = [r for r in rows if r["method"] == meth and r["task"] == t]
-            per[t] = {k: _mean_std([r[k] for r in sel]) for k in ("avg_acc", "forgetting", "ece")}
+            per[t] = {k: mean_std([r[k] for r in sel]) for k in ("avg_acc", "forgetting", "ece")}
         out[meth] = per
     return out
 
@@ -302,25 +301,13 @@ def markdown(summary: dict[str, Any], n_tasks: int, seeds: list[int], scenario: 
     """The README table: final average accuracy, forgetting and ECE, plus A_t after each task."""
     head = ["method", "avg acc (final)", "forgetting (final)", "ECE (final)"]
     head += [f"A_{t}" for t in range(1, n_tasks + 1)]
-    lines = [f"{scenario} Fashion-MNIST, {n_tasks} tasks, {len(seeds)} seeds (mean ± std)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for meth, per in summary.items():
-        fin = per[n_tasks]
-        cells = [meth] + [f"{fin[k][0]:.4f} ± {fin[k][1]:.4f}" for k in ("avg_acc", "forgetting", "ece")]
-        cells += [f"{per[t]['avg_acc'][0]:.3f}" for t in range(1, n_tasks + 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[meth] + [pm(per[n_tasks][k]) for k in ("avg_acc", "forgetting", "ece")]
+            + [f"{per[t]['avg_acc'][0]:.3f}" for t in range(1, n_tasks + 1)] for meth, per in summary.items()]
+    return markdown_table(head, rows, f"{scenario} Fashion-MNIST, {n_tasks} tasks, {len(seeds)} seeds (mean ± std)")
 
 
 def _plot(summary: dict[str, Any], n_tasks: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..evaluation.plots import save_figure
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = subplots(1, 3, figsize=(12, 3.4))
     ts = list(range(1, n_tasks + 1))
     for meth, per in summary.items():
         for ax, key in zip(axes, ("avg_acc", "forgetting", "ece")):
@@ -342,8 +329,6 @@ def preflight(cfg: Any, *, continual: bool) -> None:
     """Build what a continual or merging run builds (the first seed's tasks, the model, the IVON
     and ContinualIVON learners with ``learner.kwargs``) so that a bad config or input fails before
     any file is created or truncated."""
-    import vbpc
-
     if cfg.learner.name != "ivon":
         what = "the continual methods are IVON-based" if continual else "merging uses IVON posteriors"
         raise ConfigError(f"learner.name={cfg.learner.name!r}: {what} ('ivon')")
@@ -357,10 +342,10 @@ def preflight(cfg: Any, *, continual: bool) -> None:
     kw = dict(cfg.learner.kwargs)
     ess = float(kw.pop("ess", len(tasks[0])))
     named = list(model.named_parameters())
+    common = dict(lr=cfg.learner.lr, ess=ess, weight_decay=cfg.learner.weight_decay, model=model, **kw)
     try:
-        opt = vbpc.IVON(named, lr=cfg.learner.lr, ess=ess, weight_decay=cfg.learner.weight_decay, model=model, **kw)
-        vbpc.ContinualIVON(named, lr=cfg.learner.lr, ess=ess, prior=opt.posterior(model), model=model,
-                           weight_decay=cfg.learner.weight_decay, **kw)
+        opt = get_learner("ivon").build(named, **common)
+        get_learner("continual-ivon").build(named, prior=opt.posterior(model), **common)
     except TypeError as exc:
         raise ConfigError(f"learner.kwargs: {exc}") from None
 
@@ -401,29 +386,27 @@ def run_continual(cfg: ContinualConfig, *, overwrite: bool = False) -> dict[str,
 
 
 def _run_continual(cfg: ContinualConfig, out: Path) -> dict[str, Any]:
-    log_path = out / "metrics.jsonl"
-    log_path.write_text("")
     rows: list[dict[str, Any]] = []
+    jsonl = JsonlLog(out / "metrics.jsonl")
 
     def log(row: dict) -> None:
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        jsonl.write(row)
         if cfg.progress:
             tqdm.write(f"{row['method']:>6} seed {row['seed']} task {row['task']}: avg acc {row['avg_acc']:.4f} "
                        f"forgetting {row['forgetting']:.4f} ECE {row['ece']:.4f} ({row['seconds']:.1f}s)")
 
     t0 = time.perf_counter()
-    for seed in cfg.seeds:
-        tc = cfg.tasks
-        tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size, test_size=tc.test_size,
-                           seed=seed)
-        for meth in cfg.methods:
-            rows += _train_sequence(cfg, meth, seed, tasks, log, out)
+    with jsonl:
+        for seed in cfg.seeds:
+            tc = cfg.tasks
+            tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size,
+                               test_size=tc.test_size, seed=seed)
+            for meth in cfg.methods:
+                rows += _train_sequence(cfg, meth, seed, tasks, log, out)
     n = cfg.tasks.n_tasks
     summary = summarize(rows, cfg.methods, n)
     table = markdown(summary, n, cfg.seeds, cfg.tasks.scenario)
     atomic_write_text(out / "results.md", table)
-    atomic_write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "summary": summary, "rows": rows},
-                                                       indent=1))
+    write_json(out / "results.json", {"config": to_dict(cfg), "summary": summary, "rows": rows})
     _plot(summary, n, out / "continual.png", f"{cfg.tasks.scenario} Fashion-MNIST")
     return {"out": str(out), "table": table, "summary": summary, "seconds": time.perf_counter() - t0}

@@ -13,15 +13,16 @@ evaluated on each task, next to task arithmetic.
 Every model is scored at its mean weights on every task's test set (the head masked to the
 task's classes).  Writes ``results.md``/``results.json`` (mean ± std over seeds), ``metrics.jsonl`` and
 ``merging.png``.
+
+``vbpc merge BASE CK1 CK2 ...`` (:func:`merge_checkpoints`) merges saved posteriors the same way.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,11 +31,13 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, MergeConfig, to_dict
 from ..data import seed_everything
 from ..inference.merge import merge_posteriors, task_arithmetic
+from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
-from .continual import Task, _evaluate, make_tasks, preflight, prepare_out, task_loss
+from ..reporting import JsonlLog, markdown_table, pm, save_figure, subplots, write_json
+from .continual import Task, _evaluate, frozen_posterior, make_tasks, preflight, prepare_out, task_loss
 
-__all__ = ["run_merging", "MERGES"]
+__all__ = ["run_merging", "merge_checkpoints", "MERGES"]
 
 MERGES = ("precision", "hessian", "average", "task-arithmetic")
 
@@ -68,8 +71,6 @@ def _load_mean(model: nn.Module, mean: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[float]]:
-    import vbpc
-
     tc, lc = cfg.tasks, cfg.learner
     kw = dict(lc.kwargs)
     seed_everything(seed)
@@ -77,19 +78,20 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
     model = build_model(cfg.model.name, **cfg.model.kwargs)
     base_task = make_tasks("permuted", 1, root=tc.root, train_size=cfg.base_size, seed=seed)[0]
     named = list(model.named_parameters())
-    opt = vbpc.IVON(named, lr=lc.lr, ess=float(len(base_task)), weight_decay=lc.weight_decay, model=model, **kw)
+    opt = get_learner("ivon").build(named, lr=lc.lr, ess=float(len(base_task)), weight_decay=lc.weight_decay,
+                                    model=model, **kw)
     _fit(model, opt, base_task, cfg.base_epochs, tc.batch_size, g, f"base s{seed}", cfg.progress)
-    base = vbpc.DiagonalGaussian.from_state_dict(opt.posterior(model).state_dict())
+    base = frozen_posterior(opt.posterior(model))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     tuned = []
     accs: dict[str, list[float]] = {"base": _evaluate(model, tasks, None, 0, seed)["acc"]}
     individual = []
     for t, task in enumerate(tasks):
         model.load_state_dict(base_state)
-        ft = vbpc.ContinualIVON(list(model.named_parameters()), lr=lc.lr, ess=float(len(task)), prior=base,
-                                model=model, weight_decay=lc.weight_decay, **kw)
+        ft = get_learner("continual-ivon").build(list(model.named_parameters()), lr=lc.lr, ess=float(len(task)),
+                                                 prior=base, model=model, weight_decay=lc.weight_decay, **kw)
         _fit(model, ft, task, tc.epochs, tc.batch_size, g, f"task {t + 1} s{seed}", cfg.progress)
-        tuned.append(vbpc.DiagonalGaussian.from_state_dict(ft.posterior(model).state_dict()))
+        tuned.append(frozen_posterior(ft.posterior(model)))
         individual.append(_evaluate(model, [task], None, 0, seed)["acc"][0])
     accs["individual"] = individual
     for how in ("precision", "hessian", "average"):
@@ -124,37 +126,28 @@ def _run_merging(cfg: MergeConfig, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = []
     names: list[str] = []
-    log = out / "metrics.jsonl"
-    log.write_text("")
-    for seed in cfg.seeds:
-        tc = cfg.tasks
-        tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size, test_size=tc.test_size,
-                           seed=seed)
-        names = [t.name for t in tasks]
-        accs = _one_seed(cfg, seed, tasks)
-        for method, a in accs.items():
-            row = {"seed": seed, "method": method, "acc": a, "mean": sum(a) / len(a)}
-            rows.append(row)
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+    with JsonlLog(out / "metrics.jsonl") as log:
+        for seed in cfg.seeds:
+            tc = cfg.tasks
+            tasks = make_tasks(tc.scenario, tc.n_tasks, root=tc.root, train_size=tc.train_size,
+                               test_size=tc.test_size, seed=seed)
+            names = [t.name for t in tasks]
+            accs = _one_seed(cfg, seed, tasks)
+            for method, a in accs.items():
+                row = {"seed": seed, "method": method, "acc": a, "mean": sum(a) / len(a)}
+                rows.append(row)
+                log.write(row)
     table = _table(rows, names, cfg)
     atomic_write_text(out / "results.md", table)
-    atomic_write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows}, indent=1))
+    write_json(out / "results.json", {"config": to_dict(cfg), "rows": rows})
     _plot(rows, names, out / "merging.png")
     return {"out": str(out), "table": table, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
 def _plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
     """Grouped bars: mean accuracy over seeds per task and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..evaluation.plots import save_figure
-
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.6 * (len(names) + 1) + 2, 3.5))
+    fig, ax = subplots(figsize=(1.6 * (len(names) + 1) + 2, 3.5))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         sel = [r for r in rows if r["method"] == m]
@@ -169,20 +162,39 @@ def _plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _ms(xs: list[float]) -> str:
-    mu = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{mu:.3f} ± {sd:.3f}"
-
-
 def _table(rows: list[dict[str, Any]], names: list[str], cfg: MergeConfig) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = ["model"] + [f"task {n}" for n in names] + ["mean"]
-    lines = [f"Merging {len(names)} finetuned posteriors ({cfg.tasks.scenario} Fashion-MNIST, {len(cfg.seeds)} "
-             "seed(s), accuracy at the mean weights, mean ± std; 'individual': each finetune on its own task)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
-        cells = [_ms([r["acc"][j] for r in sel]) for j in range(len(names))] + [_ms([r["mean"] for r in sel])]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append([m] + [pm([r["acc"][j] for r in sel], 3) for j in range(len(names))]
+                    + [pm([r["mean"] for r in sel], 3)])
+    return markdown_table(head, body, f"Merging {len(names)} finetuned posteriors ({cfg.tasks.scenario} Fashion-MNIST, "
+                          f"{len(cfg.seeds)} seed(s), accuracy at the mean weights, mean ± std; 'individual': each "
+                          "finetune on its own task)")
+
+
+def merge_checkpoints(base: Union[str, Path], finetuned: Sequence[Union[str, Path]], out: Union[str, Path],
+                      weights: str = "precision") -> dict[str, Any]:
+    """``vbpc merge``: merge the posteriors of ``finetuned`` checkpoints that share the base (prior)
+    posterior of ``base`` (eq. 31, :func:`vbpc.inference.merge.merge_posteriors`), load the merged
+    mean into the base model and save model + merged posterior to ``out``."""
+    from .. import checkpoint
+
+    ck_base = checkpoint.load(base)
+    if ck_base.posterior is None:
+        raise ValueError(f"{base} holds no posterior (the common prior of the tasks)")
+    tuned = []
+    for path in finetuned:
+        ck = checkpoint.load(path, None if ck_base.spec is not None else ck_base.model)
+        if ck.posterior is None:
+            raise ValueError(f"{path} holds no posterior")
+        tuned.append(ck.posterior)
+    merged = merge_posteriors(ck_base.posterior, tuned, weights=weights)  # type: ignore[arg-type]
+    model: Optional[nn.Module] = ck_base.model
+    assert model is not None
+    _load_mean(model, merged.mean)
+    checkpoint.save(out, model, merged.bind(model), spec=ck_base.spec,
+                    extra={"merged_from": [str(base), *map(str, finetuned)], "weights": weights})
+    return {"out": str(out), "merged": len(tuned), "numel": merged.numel(), "weights": weights}

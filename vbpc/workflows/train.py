@@ -24,46 +24,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import TRAIN_LEARNERS, TrainConfig, to_dict
+from ..config import TrainConfig, to_dict
 from ..data import load_dataset, make_loader, seed_everything
 from .._runtime import restore_rng, rng_from_state_dict, rng_state_dict
+from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
+from ..reporting import plot_curves, read_jsonl, write_json
 from ..training import evaluate, warmup_cosine_scheduler
 
-__all__ = ["LEARNERS", "build_learner", "check_resume_config", "train", "truncate_log"]
-
-LEARNERS = TRAIN_LEARNERS
-CORRECTED = ("ivon-poco", "ivon-pocomo", "svrg", "alpha-svrg")
+__all__ = ["build_learner", "check_resume_config", "train", "truncate_log"]
 
 
 def build_learner(cfg: TrainConfig, model: nn.Module, n_train: int, steps_per_epoch: int) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.learner`` over ``model``'s trainable parameters (``ess`` = the
-    training-set size, the anchor period one epoch unless set)."""
-    import vbpc
-
-    lc, name = cfg.learner, cfg.learner.name
+    """The learner named by ``cfg.learner`` (:func:`vbpc.inference.registry.get_learner`) over
+    ``model``'s trainable parameters.  The context (``ess`` = the training-set size, the anchor
+    period one epoch unless set, the run's steps, the model) goes to the learners that take it;
+    ``learner.kwargs`` win over it.  SGD's momentum defaults to 0.9."""
+    info = get_learner(cfg.learner.name)
+    lc = cfg.learner
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total = cfg.schedule.epochs * steps_per_epoch
-    poco = dict(anchor_period=cfg.anchor.period or steps_per_epoch, megabatch_size=cfg.anchor.megabatch_size)
+    context = dict(ess=float(n_train), model=model, total_steps=cfg.schedule.epochs * steps_per_epoch,
+                   anchor_period=cfg.anchor.period or steps_per_epoch, megabatch_size=cfg.anchor.megabatch_size,
+                   alpha=cfg.anchor.alpha)
+    if info.name == "svrg":
+        context.pop("total_steps")  # SVRG's alpha is constant (1)
     kw = dict(lc.kwargs)
-    if name == "adamw":
-        return torch.optim.AdamW([p for _, p in params], lr=lc.lr, weight_decay=lc.weight_decay, **kw)
-    if name == "sgd":
-        return torch.optim.SGD([p for _, p in params], lr=lc.lr, weight_decay=lc.weight_decay,
-                               momentum=kw.pop("momentum", 0.9), **kw)
-    if name == "ivon":
-        return vbpc.IVON(params, lr=lc.lr, ess=kw.pop("ess", n_train), weight_decay=lc.weight_decay, model=model, **kw)
-    if name in ("ivon-poco", "ivon-pocomo"):
-        cls = vbpc.IVONPoCo if name == "ivon-poco" else vbpc.IVONPoCoMo
-        return cls(params, lr=lc.lr, ess=kw.pop("ess", n_train), weight_decay=lc.weight_decay, alpha=cfg.anchor.alpha,
-                   total_steps=total, model=model, **poco, **kw)
-    if name == "svrg":
-        return vbpc.SVRG(params, lr=lc.lr, weight_decay=lc.weight_decay, model=model, **poco, **kw)
-    if name == "alpha-svrg":
-        return vbpc.AlphaSVRG(params, lr=lc.lr, weight_decay=lc.weight_decay, alpha=cfg.anchor.alpha,
-                              total_steps=total, model=model, **poco, **kw)
-    raise ValueError(f"unknown learner {name!r}; expected one of {LEARNERS} ('bbb' runs through Pyro SVI in train())")
+    if info.name == "sgd":
+        kw.setdefault("momentum", 0.9)
+    return info.build_in(params, context, lr=lc.lr, weight_decay=lc.weight_decay, **kw)
 
 
 def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -97,7 +86,7 @@ def _prior(post: Any) -> Any:
 def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path) -> dict[str, Any]:
     """Bayes-by-backprop through Pyro SVI (:class:`vbpc.inference.svi.BayesByBackprop`): constant LR,
     a checkpoint (posterior mean in the model, the guide as the posterior) at the end; no resume."""
-    from ..inference.svi import BayesByBackprop
+    from .. import BayesByBackprop
 
     bbb = BayesByBackprop(model, ess=float(cfg.learner.kwargs.get("ess", n)), weight_decay=cfg.learner.weight_decay,
                           lr=cfg.learner.lr, **{k: v for k, v in cfg.learner.kwargs.items() if k != "ess"})
@@ -122,7 +111,7 @@ def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path,
     if cfg.eval.test_samples > 0:
         summary["test_bma"] = evaluate(model, test, post, cfg.eval.test_samples)
     _curves(log_path, out / "curves.png")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -244,7 +233,8 @@ def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched
     elif log_path.exists():
         log_path.unlink()
     log = log_path.open("a", encoding="utf-8")
-    corrected = cfg.learner.name in CORRECTED
+    info = get_learner(cfg.learner.name)
+    corrected = info.anchored
     mega = make_loader(data, cfg.data.test_batch_size) if corrected else None
     loss_fn = (lambda b: F.cross_entropy(model(b[0].to(device)), b[1].to(device))) if corrected else None
     test_cache: list = []
@@ -277,7 +267,8 @@ def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched
             def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
-                loss.backward()
+                if info.closure_backward:
+                    loss.backward()
                 return loss
 
             out_loss = opt.step(closure, batch_size=len(y)) if corrected else opt.step(closure)
@@ -311,26 +302,16 @@ def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched
         if post is not None and cfg.eval.test_samples > 0:
             summary["test_bma"] = evaluate(model, test, post, cfg.eval.test_samples)
         _curves(log_path, out / "curves.png")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 
 def _curves(log_path: Path, png: Path) -> None:
     """Training loss vs step and (if logged) test accuracy vs epoch, from the JSONL log."""
-    from ..evaluation.plots import plt, save_figure
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(log_path)
     loss = [r for r in rows if "loss" in r]
     test = [r for r in rows if "test_accuracy" in r]
-    if not loss and not test:
-        return
-    fig, axes = plt.subplots(1, 2 if test else 1, figsize=(9 if test else 5, 3), squeeze=False)
-    axes[0, 0].plot([r["step"] for r in loss], [r["loss"] for r in loss])
-    axes[0, 0].set_xlabel("step")
-    axes[0, 0].set_ylabel("training loss (sampled weights)")
-    if test:
-        axes[0, 1].plot([r["epoch"] for r in test], [r["test_accuracy"] for r in test], marker="o")
-        axes[0, 1].set_xlabel("epoch")
-        axes[0, 1].set_ylabel("test accuracy (mean weights)")
-    fig.tight_layout()
-    save_figure(fig, png)
+    plot_curves([({"loss": ([r["step"] for r in loss], [r["loss"] for r in loss])} if loss else {}, "step",
+                  "training loss (sampled weights)"),
+                 ({"test": ([r["epoch"] for r in test], [r["test_accuracy"] for r in test])} if test else {}, "epoch",
+                  "test accuracy (mean weights)")], png)
