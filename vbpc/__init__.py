@@ -5,7 +5,8 @@ from .errors import NonFiniteError, SamplingError, StateDictMismatchError
 from .inference.ivon import IVON
 from .inference.continual import ContinualIVON, pretrained_posterior
 from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
-from .inference.poco import SVRG, VSGD, AlphaSVRG, VSGDPoCo
+from .inference.correction import PoCo, ReplayCorrection
+from .inference.vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo
 from .inference.von import VON, VONPoCo
 from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
 from .scope import Scope, select_parameters

@@ -33,7 +33,8 @@ try:  # numpy is a core dependency, but keep the helper importable without it
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ['RNGState', 'capture_rng', 'restore_rng', 'active', 'agree_finite', 'all_true', 'mean_', 'warn_if_same_noise', 'world_size']
+__all__ = ["RNGState", "capture_rng", "restore_rng", "rng_state_dict", "rng_from_state_dict", "active", "agree_finite",
+           "all_true", "mean_", "warn_if_same_noise", "world_size"]
 
 
 @dataclass

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .._enums import parse_enum
 from ..errors import SamplingError, StateDictMismatchError
 from ..posterior import DiagonalGaussian, _Entry
+from .correction import ReplayCorrection
 from .ivon_poco import IVONPoCo
 from .poco import Anchor, batch_size_of
 
@@ -95,7 +96,9 @@ class ContinualIVON(IVONPoCo):
             (``IVON.posterior()``, :func:`pretrained_posterior`, a checkpoint); matched to the
             trainable parameters by name when ``model`` is given, else by position.
         correction: evaluate the correction term of (29) on a replay memory; :meth:`step` then needs
-            ``memory=`` (a closure on a memory batch).  False: prior-focused (VCL-like).
+            ``memory=`` (a closure on a memory batch).  False: prior-focused (VCL-like).  A
+            :class:`vbpc.ReplayCorrection` carries ``memory_weight``/``data_size`` (and the anchor noise)
+            itself; ``vbpc.IVON(..., prior=q_old, correction=vbpc.ReplayCorrection(N_old))`` builds this learner.
         memory_weight: :math:`N_{old}`, the number of old examples the memory stands for (required
             with ``correction``; unbiased for a uniform memory).
         data_size: :math:`N_{new}` (default ``ess``): the new batch's gradient is scaled by
@@ -120,7 +123,7 @@ class ContinualIVON(IVONPoCo):
         ess: float,
         prior: DiagonalGaussian,
         *,
-        correction: bool = False,
+        correction: Union[bool, ReplayCorrection, None] = False,
         memory_weight: Optional[float] = None,
         data_size: Optional[float] = None,
         start: str = "keep",
@@ -134,6 +137,16 @@ class ContinualIVON(IVONPoCo):
                 raise TypeError(f"ContinualIVON does not take {bad!r}: the anchor is the prior (α=1, eq. 29)")
         if not isinstance(prior, DiagonalGaussian):
             raise TypeError(f"prior must be a vbpc.DiagonalGaussian, got {type(prior).__name__}")
+        if correction is None:
+            correction = False
+        if isinstance(correction, ReplayCorrection):
+            if memory_weight is not None or data_size is not None:
+                raise TypeError("memory_weight/data_size given twice: as keywords and in correction=ReplayCorrection")
+            memory_weight, data_size = correction.memory_weight, correction.data_size
+            kw.setdefault("anchor_noise", correction.anchor_noise)
+            kw.setdefault("track_stats", correction.track_stats)
+        elif not isinstance(correction, bool):
+            raise TypeError(f"correction must be a bool or a vbpc.ReplayCorrection, got {type(correction).__name__}")
         if correction and not (memory_weight is not None and memory_weight > 0):
             raise ValueError("correction=True needs memory_weight > 0: the number of old examples N_old "
                              "the replay memory stands for (eq. 29)")
@@ -141,7 +154,7 @@ class ContinualIVON(IVONPoCo):
             raise ValueError(f"invalid data_size={data_size!r}: must be > 0")
         start_at = parse_enum(Start, start, "start")
         super().__init__(params, lr, ess, beta1=beta1, alpha=0.0, model=model, **kw)
-        self.correction = bool(correction)
+        self.replay = bool(correction)  # the correction term of (29) on a replay memory
         self.memory_weight = None if memory_weight is None else float(memory_weight)
         self.data_size = None if data_size is None else float(data_size)
         self.last_memory_loss: Optional[Tensor] = None
@@ -264,21 +277,17 @@ class ContinualIVON(IVONPoCo):
         memory batch.  Both follow the ``torch.optim`` closure convention (backward, return the mean loss)."""
         if closure is None:
             raise SamplingError("ContinualIVON.step needs a closure")
-        if self.correction and memory is None:
+        if self.replay and memory is None:
             raise ValueError("the posterior correction needs a replay memory: pass step(closure, memory=...) "
                              "(an empty memory cannot correct; use correction=False for the prior-focused method)")
-        self._memory = memory if self.correction else None
-        self._alpha_now = 1.0
-        self._anchor_pass = self.correction
+        self._memory = memory if self.replay else None
+        self.correction.alpha_now = 1.0
+        self.correction.anchor_pass = self.replay
         try:
             loss = super(IVONPoCo, self).step(closure)
         finally:
             self._memory = None
-        passes = self.mc_samples * (3 if self.correction else 1)
-        self.counters["inner_passes"] += passes
-        if batch_size is not None:
-            self.counters["inner_examples"] += passes * int(batch_size)
-        self.t += 1
+        self.correction.count_step(self.mc_samples * (3 if self.replay else 1), batch_size)
         return loss
 
     def sample(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -286,7 +295,7 @@ class ContinualIVON(IVONPoCo):
         raise SamplingError("ContinualIVON collects its samples in step(closure, memory=...); sample() is IVON-PoCo's")
 
     def _closure_sample(self, closure: Callable[[], Tensor], noop_ok: bool = False) -> Optional[Tensor]:
-        if self.correction:
+        if self.replay:
             return super()._closure_sample(closure, noop_ok)
         draw, ctx = self._sample_context("ContinualIVON.step")
         watch = self._watch(draw)
@@ -363,13 +372,13 @@ class ContinualIVON(IVONPoCo):
         means = [self.state[p].get("mean", p) for p in params]
         g_t = ws["ghat"]
         snap = None
-        if self.track_stats:
+        if self.poco.track_stats:
             snap = {"g_in": [t.clone() for t in g_t], "h_in": [t.clone() for t in h_t]}
         shift = ws.get("prior_shift")
         if shift is None or len(shift) != n:
             shift = ws["prior_shift"] = [torch.empty_like(t) for t in h_t]
         diff = [torch.sub(m, mo, out=e) for m, mo, e in zip(means, m0, shift)]  # m − m0, reused below
-        if self._anchor_pass:
+        if self.correction.anchor_pass:
             w_old = self.memory_weight / lam  # type: ignore[operator]
             r_out, e_out = a.extra["rsqrt"][o:o + n], a.extra["ess"][o:o + n]
             for i, (gt, ht, d) in enumerate(zip(g_t, h_t, diff)):
@@ -395,7 +404,7 @@ class ContinualIVON(IVONPoCo):
     # ------------------------------------------------------------------ serialization
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["vbpc"]["continual"] = {"correction": self.correction, "memory_weight": self.memory_weight,
+        sd["vbpc"]["continual"] = {"correction": self.replay, "memory_weight": self.memory_weight,
                                    "data_size": self.data_size,
                                    "memory_hess": None if self.memory_hess is None else [t.clone() for t in
                                                                                          self.memory_hess]}
@@ -405,9 +414,9 @@ class ContinualIVON(IVONPoCo):
         extra = state_dict.get("vbpc", {}).get("continual")
         if extra is None:
             raise StateDictMismatchError("not a ContinualIVON state dict (no 'vbpc.continual' section)")
-        if bool(extra["correction"]) != self.correction:
+        if bool(extra["correction"]) != self.replay:
             raise StateDictMismatchError(f"the checkpoint was saved with correction={extra['correction']}, "
-                                         f"this learner has correction={self.correction}")
+                                         f"this learner has correction={self.replay}")
         super().load_state_dict(state_dict)
         self.memory_weight = extra["memory_weight"]
         self.data_size = extra["data_size"]

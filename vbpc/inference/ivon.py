@@ -165,6 +165,9 @@ class IVON(Optimizer):
             gradient (after the all-reduce), so every rank clips identically.  Steps where a factor
             was below 1 are counted in ``counters["clipped_steps"]``.  The corrected learners clip
             the corrected gradient instead (:class:`vbpc.IVONPoCo`).
+        correction: a :class:`vbpc.PoCo` makes this learner :class:`vbpc.IVONPoCo` (posterior correction,
+            docs/correction.md); with ``prior=``, a :class:`vbpc.ReplayCorrection` makes it :class:`vbpc.ContinualIVON`.
+        prior: the old posterior :math:`q_{old}` as prior (continual learning): :class:`vbpc.ContinualIVON`.
 
     **Sharded parameters** (PyTorch FSDP2, ``fully_shard``: DTensor parameters).  The state is
     laid out like the parameters (DTensors: each rank holds its shard), the elementwise update runs
@@ -190,6 +193,25 @@ class IVON(Optimizer):
         opt.step()
     """
 
+    def __new__(cls, *args: Any, correction: Any = None, prior: Any = None, **kwargs: Any) -> "IVON":
+        """``IVON(..., correction=vbpc.PoCo(...))`` builds :class:`vbpc.IVONPoCo`, and ``IVON(..., prior=q_old)``
+        (optionally with ``correction=vbpc.ReplayCorrection(...)``) :class:`vbpc.ContinualIVON`: the correction
+        is a component of the base learner, the named classes its spellings."""
+        if cls is IVON and (correction is not None or prior is not None):
+            from .continual import ContinualIVON
+            from .correction import PoCo, ReplayCorrection
+            from .ivon_poco import IVONPoCo
+
+            if prior is not None or isinstance(correction, ReplayCorrection):
+                if prior is None:
+                    raise TypeError("correction=ReplayCorrection(...) needs prior= (the old posterior q_old)")
+                return super().__new__(ContinualIVON)
+            if not isinstance(correction, PoCo):
+                raise TypeError(f"correction must be a vbpc.PoCo or a vbpc.ReplayCorrection, got "
+                                f"{type(correction).__name__}")
+            return super().__new__(IVONPoCo)
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -214,7 +236,12 @@ class IVON(Optimizer):
         norm_update: str = "first",
         clip_grad_norm: Optional[float] = None,
         foreign_grads: str = "error",
+        correction: None = None,
+        prior: None = None,
     ):
+        if correction is not None or prior is not None:  # IVON.__new__ dispatches these to the corrected learners
+            raise TypeError(f"{type(self).__name__} does not take correction=/prior=; use vbpc.IVON(...) or the "
+                            "corrected learner's class")
         self._vbpc_self = self  # read through forwarding wrappers (see _forwarded)
         if foreign_grads not in FOREIGN_GRADS:
             raise ValueError(f"invalid foreign_grads={foreign_grads!r}: must be one of {FOREIGN_GRADS}")

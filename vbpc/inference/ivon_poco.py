@@ -27,7 +27,7 @@ price of 2d host-device copies per step) + 2d transient accumulators.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,23 +37,20 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
 from .. import _runtime as ranks
+from .._runtime import capture_rng, restore_rng
+from .correction import ALPHA_MODES, ANCHOR_UPDATES, CorrectedLearner, PoCo
 from .gradwatch import GradWatch, is_placeholder
 from .ivon import IVON
-from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
-from .._runtime import capture_rng, restore_rng
 
 __all__ = ["IVONPoCo", "IVONPoCoMo", "ALPHA_MODES", "ANCHOR_UPDATES"]
 
-#: ``"scheduled"``: one α_t for every tensor (eq. 22); ``"optimal"``: a per-tensor control-variate α
-ALPHA_MODES = ("scheduled", "optimal")
-#: ``"frozen"``: ḡ_out fixed for the period (eq. 21); ``"running"``: anchor-pass gradients folded in
-ANCHOR_UPDATES = ("frozen", "running")
 
-
-class IVONPoCo(CorrectionSchedule, IVON):
+class IVONPoCo(CorrectedLearner, IVON):
     r"""IVON with posterior correction (docs/algorithms.md §6; options and defaults of §6.2).
 
-    Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus
+    Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus the correction,
+    either as ``correction=vbpc.PoCo(...)`` or as the same options given as keyword arguments
+    (:class:`vbpc.PoCo` validates them; ``vbpc.IVON(..., correction=vbpc.PoCo(...))`` builds this learner):
     ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),
     ``anchor_period`` T, ``warmup_steps``, ``megabatch_size``, ``refresh_mc`` (1),
     ``refresh_antithetic`` (True: ±z' pairs in the refresh, a [vbpc] choice that keeps the
@@ -131,64 +128,19 @@ class IVONPoCo(CorrectionSchedule, IVON):
         debias: bool = True,
         rescale_lr: bool = True,
         *,
-        alpha: float = 1.0,
-        alpha_schedule: str = "constant",
-        total_steps: Optional[int] = None,
-        anchor_period: Optional[int] = None,
-        warmup_steps: int = 0,
-        megabatch_size: Optional[int] = None,
-        refresh_mc: int = 1,
-        refresh_antithetic: bool = True,
-        anchor_noise: str = "shared",
-        anchor_seed: int = 0,
-        proximal: bool = False,
-        correct_hessian: bool = True,
-        force_anchor_pass: bool = False,
-        anchor_device: Optional[Union[str, torch.device]] = None,
-        track_stats: bool = False,
-        alpha_mode: str = "scheduled",
-        alpha_smoothing: float = 0.9,
-        anchor_update: str = "frozen",
-        **ivon_kw: Any,
+        correction: Optional[PoCo] = None,
+        **kw: Any,
     ):
+        options, ivon_kw = PoCo.split(kw, correction)
         if ivon_kw.get("parity"):
             raise ValueError("parity=True is a contract with the reference IVON; IVON-PoCo has no reference")
         if hess_approx != "price":
             raise ValueError(f"invalid hess_approx={hess_approx!r}: IVON-PoCo corrects the Price Hessian only")
-        if anchor_noise not in ANCHOR_NOISE:
-            raise ValueError(f"invalid anchor_noise={anchor_noise!r}: one of {ANCHOR_NOISE}")
-        if not (isinstance(refresh_mc, int) and refresh_mc >= 1):
-            raise ValueError(f"invalid refresh_mc={refresh_mc!r}: an int >= 1")
-        if megabatch_size is not None and not megabatch_size >= 1:
-            raise ValueError(f"invalid megabatch_size={megabatch_size!r}")
-        if alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"invalid alpha_mode={alpha_mode!r}: one of {ALPHA_MODES}")
-        if not 0.0 <= alpha_smoothing < 1.0:
-            raise ValueError(f"invalid alpha_smoothing={alpha_smoothing!r}: must be in [0, 1)")
-        if anchor_update not in ANCHOR_UPDATES:
-            raise ValueError(f"invalid anchor_update={anchor_update!r}: one of {ANCHOR_UPDATES}")
-        self._init_schedule(alpha, alpha_schedule, total_steps, anchor_period, warmup_steps)
         super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples, hess_approx,
                          clip_radius, sync, debias, rescale_lr, **ivon_kw)
-        self.megabatch_size = megabatch_size
-        self.refresh_mc = refresh_mc
-        self.refresh_antithetic = bool(refresh_antithetic)
-        self.anchor_noise = anchor_noise
-        self.proximal = bool(proximal)
-        self.correct_hessian = bool(correct_hessian)
-        self.force_anchor_pass = bool(force_anchor_pass)
-        self.track_stats = bool(track_stats)
-        self.alpha_mode = alpha_mode
-        self.alpha_smoothing = float(alpha_smoothing)
-        self.anchor_update = anchor_update
+        self._init_correction(options, self._anchor_params())
         self._batch_now: Optional[int] = None
-        self.last_stats: Optional[dict[str, list[Tensor]]] = None
         self.last_alpha: Optional[list[Tensor]] = None  # alpha_mode="optimal" with track_stats
-        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0,
-                         "clipped_steps": 0}
-        self.anchor = Anchor(self._anchor_params(), seed=anchor_seed, device=anchor_device)
-        self._alpha_now = 0.0
-        self._anchor_pass = False
         self._batch_hint: Optional[int] = None  # set_batch_size: the next step's batch size
         self._in_anchor = False  # the closure is running at the anchor sample (see in_anchor_pass)
         self._pairs = 0  # samples collected by sample() for the next step()
@@ -196,7 +148,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
     def _clip_mode(self) -> str:
         """``clip_grad_norm`` clips the corrected :math:`\tilde g` when the step is corrected, and each
         sample's gradient (IVON's rule) when :math:`\alpha_t=0`, so α=0 stays IVON bit for bit."""
-        return "corrected" if self._anchor_pass and self._alpha_now != 0.0 else "sample"
+        return "corrected" if self.correction.anchor_pass and self.correction.alpha_now != 0.0 else "sample"
 
     def _anchor_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in self._trainable(g)]
@@ -210,19 +162,14 @@ class IVONPoCo(CorrectionSchedule, IVON):
         return out
 
     # ------------------------------------------------------------------ refresh
-    @torch.no_grad()
-    def refresh(
-        self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module] = None,
-        batch_size: Optional[Callable[[Any], int]] = None, progress: bool = True,
-    ) -> None:
-        r"""Refresh the anchor at the current posterior (eq. 21): :math:`m_{out}\leftarrow m`,
-        :math:`h_{out}\leftarrow h`, group :math:`(\lambda,\delta)`, and the mega-batch means
-        :math:`\bar g_{out},\bar h_{out}` (Price) at samples :math:`m_{out}+\sigma_{out}\odot z'`.
-
-        ``loss_fn(batch)`` returns the mean loss of a batch; ``data`` is any iterable of batches
-        (a DataLoader over the mega-batch); ``model`` keeps BatchNorm statistics untouched."""
+    def _check_can_refresh(self) -> None:
         if self._active or self._count:
             raise SamplingError("IVONPoCo.refresh() while samples are pending: call step() first")
+
+    def _refresh_anchor(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module],
+                        batch_size: Optional[Callable[[Any], int]], progress: bool) -> tuple[int, int]:
+        r""":math:`m_{out}\leftarrow m`, :math:`h_{out}\leftarrow h`, group :math:`(\lambda,\delta)`, and the
+        mega-batch means :math:`\bar g_{out},\bar h_{out}` (Price) at samples :math:`m_{out}+\sigma_{out}\odot z'`."""
         params = self._anchor_params()
         if [id(p) for p in params] != [id(p) for p in self.anchor.params]:
             self.anchor.params = params
@@ -238,16 +185,15 @@ class IVONPoCo(CorrectionSchedule, IVON):
                 scale.append(r / math.sqrt(g["ess"]))  # σ_out = (h_out+δ)^{-1/2}/√λ
                 ess_l.append(float(g["ess"]))
                 wd_l.append(float(g["weight_decay"]))
+        o = self.poco
         passes = self.anchor.refresh(
-            loss_fn, data, scale=scale, hessian=True, refresh_mc=self.refresh_mc,
-            antithetic=self.refresh_antithetic,
+            loss_fn, data, scale=scale, hessian=True, refresh_mc=o.refresh_mc, antithetic=o.refresh_antithetic,
             extra={"hess": h_out, "rsqrt": rsqrt_out, "ess": ess_l, "weight_decay": wd_l},
             means=[self.state[p].get("mean", p) for p in params],  # fp32 masters where they exist
-            names=self._names(params), model=self._norm.model if model is None else model, batch_size=batch_size,
-            max_examples=self.megabatch_size, progress=progress, step=self.t, sync=self.sync)
-        self.counters["refresh_passes"] += passes
-        draws = self.refresh_mc * (2 if self.refresh_antithetic else 1)
-        self.counters["refresh_examples"] += self.anchor.examples * draws  # gradient evaluations
+            names=self._names(params), model=model, batch_size=batch_size,
+            max_examples=o.megabatch_size, progress=progress, step=self.t, sync=self.sync)
+        draws = o.refresh_mc * (2 if o.refresh_antithetic else 1)
+        return passes, self.anchor.examples * draws  # gradient evaluations
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
@@ -259,7 +205,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         if batch_size is None:
             batch_size = self._batch_hint
         self._batch_hint = None
-        if batch_size is None and self.anchor_update == "running":
+        if batch_size is None and self.poco.anchor_update == "running":
             raise ValueError("anchor_update='running' needs step(..., batch_size=len(batch)): the batch's weight "
                              "in the running anchor mean")
         self._batch_now = None if batch_size is None else int(batch_size)
@@ -275,14 +221,10 @@ class IVONPoCo(CorrectionSchedule, IVON):
             if self._pairs:
                 raise SamplingError("IVONPoCo.step(closure) with samples pending from sample(): call step() "
                                     "without a closure to use them")
-            self._begin_step()
+            self.correction.begin_step()
             samples = self.mc_samples
             loss = super().step(closure)
-        passes = samples * (2 if self._anchor_pass else 1)
-        self.counters["inner_passes"] += passes
-        if batch_size is not None:
-            self.counters["inner_examples"] += passes * int(batch_size)
-        self.t += 1
+        self.correction.count_step(samples * (2 if self.correction.anchor_pass else 1), batch_size)
         return loss
 
     def set_batch_size(self, batch_size: Optional[int]) -> None:
@@ -319,12 +261,6 @@ class IVONPoCo(CorrectionSchedule, IVON):
             restore_rng(rng)
         return is_placeholder(out, watch, params, grads)
 
-    def _begin_step(self) -> None:
-        """Fix α_t and whether the anchor pass runs, once per step."""
-        self._check_refresh()
-        self._alpha_now = self.alpha
-        self._anchor_pass = self._alpha_now != 0.0 or (self.force_anchor_pass and self.anchor.ready)
-
     def sample(self, closure: Callable[[], Tensor]) -> Tensor:
         """Collect one MC sample of the next step from ``closure`` (the current and the anchor pass on
         the same batch, replayed RNG) without updating; a later ``step()`` without closure uses every
@@ -333,7 +269,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         if self._active:
             raise SamplingError("IVONPoCo.sample() inside sampled_params(); leave the context first")
         if not self._pairs:
-            self._begin_step()
+            self.correction.begin_step()
         try:
             loss = self._closure_sample(closure)
         except BaseException:
@@ -344,34 +280,37 @@ class IVONPoCo(CorrectionSchedule, IVON):
         return loss
 
     def _closure_sample(self, closure: Callable[[], Tensor], noop_ok: bool = False) -> Optional[Tensor]:
-        if not self._anchor_pass:
+        if not self.correction.anchor_pass:
             return super()._closure_sample(closure, noop_ok)
         draw, ctx = self._sample_context("IVONPoCo.step")
-        rng0 = capture_rng()
         in_closure, out_closure = self._pass_closures(closure)
+
+        def anchor() -> None:
+            out_draw, out_ctx = self._anchor_context(draw)
+            watch = self._watch(out_draw)
+            self._in_anchor = True
+            try:
+                with self._norm(first=False, anchor=True):
+                    loss_out = self._run_closure(out_closure, out_ctx, watch)
+            finally:
+                self._in_anchor = False
+            self._check_foreign(watch)
+            if not bool(torch.isfinite(loss_out).all()):
+                raise NonFiniteError(f"the closure returned a non-finite loss ({loss_out.item()}) at the anchor "
+                                     "sample; the step was skipped and no state changed")
+            self._collect(out_draw, out=True)
+
+        def current() -> Tensor:
+            watch = self._watch(draw)
+            with self._norm(first=self._count == 0):
+                loss = self._run_closure(in_closure, ctx, watch)
+            self._check_foreign(watch)
+            self._collect(draw)
+            return loss
+
         # The anchor pass runs first, so the current pass is the closure's last evaluation (frameworks
-        # report the last call's loss and outputs).  Both passes start from the random state R0 (§6.3),
-        # which leaves the global RNG where one pass of the base learner would.
-        out_draw, out_ctx = self._anchor_context(draw)
-        watch = self._watch(out_draw)
-        self._in_anchor = True
-        try:
-            with self._norm(first=False, anchor=True):
-                loss_out = self._run_closure(out_closure, out_ctx, watch)
-        finally:
-            self._in_anchor = False
-            restore_rng(rng0)
-        self._check_foreign(watch)
-        if not bool(torch.isfinite(loss_out).all()):
-            raise NonFiniteError(f"the closure returned a non-finite loss ({loss_out.item()}) at the anchor "
-                                 "sample; the step was skipped and no state changed")
-        self._collect(out_draw, out=True)
-        watch = self._watch(draw)
-        with self._norm(first=self._count == 0):
-            loss = self._run_closure(in_closure, ctx, watch)
-        self._check_foreign(watch)
-        self._collect(draw)
-        return loss
+        # report the last call's loss and outputs).
+        return self.correction.two_pass(current, anchor, anchor_first=True)
 
     def _pass_closures(self, closure: Callable[[], Tensor]) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
         """The closures of the current and the anchor pass: the same batch for PoCo (§6.3);
@@ -386,7 +325,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         ess_out = self.anchor.extra["ess"]
         out_draw = []
         for gi, params, z in draw:
-            if self.anchor_noise == "independent":  # a DTensor's shard of the full draw
+            if self.poco.anchor_noise == "independent":  # a DTensor's shard of the full draw
                 z = [dt.local(dt.randn_like(p, self.anchor.generator, zi.dtype)) for p, zi in zip(params, z)]
             out_draw.append((gi, params, z))
         targets = [p for _, ps, _ in out_draw for p in ps]
@@ -421,9 +360,9 @@ class IVONPoCo(CorrectionSchedule, IVON):
     def _correct(self, gi: int, group: dict, ws: dict, hess: list[Tensor], price: bool) -> bool:
         r"""Eqs. (22)-(23) on group ``gi``: rewrite ĝ and the statistic as :math:`\tilde g` and
         :math:`\tilde h/\sqrt\lambda` (the fused kernel's non-Price input)."""
-        alpha = self._alpha_now
-        if not self._anchor_pass or alpha == 0.0:
-            if self.track_stats and gi == min(self._acc):
+        alpha = self.correction.alpha_now
+        if not self.correction.anchor_pass or alpha == 0.0:
+            if self.poco.track_stats and gi == min(self._acc):
                 self.last_stats = self.last_alpha = None
             return price
         o = self._offsets()[gi]
@@ -440,24 +379,24 @@ class IVONPoCo(CorrectionSchedule, IVON):
         h_out = [torch.mul(s, math.sqrt(e), out=b).div_(r.to(s.device))
                  for s, r, e, b in zip(ws["stat_out"], r_out, a.extra["ess"][o:o + n], ws["s2"])]
         g_in = ws["ghat"]
-        if self.track_stats:
+        if self.poco.track_stats:
             snap = {"g_in": [t.clone() for t in g_in], "g_out": [t.clone() for t in ws["grad_out"]],
                     "h_in": [t.clone() for t in h_in], "h_out": [t.clone() for t in h_out]}
-        if self.alpha_mode == "optimal":
+        if self.poco.alpha_mode == "optimal":
             self._correct_optimal(gi, ws, g_in, g_bar, alpha)
         else:
             poco_correct_(g_in, ws["grad_out"], g_bar, alpha)
-        if self.proximal:  # eq. (23), added to g̃ (ĥ_out is still intact): α(h̄ − ĥ_out)⊙(m − m_out)
+        if self.poco.proximal:  # eq. (23), added to g̃ (ĥ_out is still intact): α(h̄ − ĥ_out)⊙(m − m_out)
             m_outs = self._loc(a.mean[o:o + n])  # type: ignore[index]
             for gt, hb, ho, p, m_out in zip(g_in, h_bar, h_out, ws["params"], m_outs):
                 mean = dt.local(self.state[p].get("mean", p))
                 gt.add_((hb.to(ho.device) - ho).mul_(mean - m_out.to(mean.device)), alpha=alpha)
-        if not self.correct_hessian:
-            if self.track_stats:
+        if not self.poco.correct_hessian:
+            if self.poco.track_stats:
                 self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
             return price  # ws["stat"] still holds the uncorrected Price statistic
         poco_correct_(h_in, h_out, h_bar, alpha)
-        if self.track_stats:
+        if self.poco.track_stats:
             self._track(gi, {**snap, "g_tilde": [t.clone() for t in g_in], "h_tilde": [t.clone() for t in h_in]})
         for s, h in zip(ws["stat"], h_in):  # the kernel's gradsq-style input: h̃/√λ
             torch.div(h, root, out=s)
@@ -466,8 +405,8 @@ class IVONPoCo(CorrectionSchedule, IVON):
     def _correct_optimal(self, gi: int, ws: dict, g_in: list[Tensor], g_bar: list[Tensor], alpha: float) -> None:
         r"""Eq. (22) with a per-tensor :math:`\alpha_j=\mathrm{clip}_{[0,1]}(c_j/v_j)\,\alpha_t/\alpha_0` from the
         previous steps' running moments (no host sync), then fold this step's moments in."""
-        beta = self.alpha_smoothing
-        scale = alpha / self.alpha0
+        beta = self.poco.alpha_smoothing
+        scale = alpha / self.poco.alpha
         alphas, sums = [], []
         for p, g, go, gb in zip(ws["params"], g_in, ws["grad_out"], g_bar):
             st = self.state[p]
@@ -487,7 +426,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
         for p, (gd, dd) in zip(ws["params"], sums):
             self.state[p]["cv_cov"].mul_(beta).add_(gd, alpha=1.0 - beta)
             self.state[p]["cv_var"].mul_(beta).add_(dd, alpha=1.0 - beta)
-        if self.track_stats:  # every group's, in the learner's parameter order
+        if self.poco.track_stats:  # every group's, in the learner's parameter order
             if gi == min(self._acc) or self.last_alpha is None:
                 self.last_alpha = alphas
             else:
@@ -506,7 +445,7 @@ class IVONPoCo(CorrectionSchedule, IVON):
 
     def _update(self) -> None:
         super()._update()
-        if self.anchor_update == "running" and self._anchor_pass and self._alpha_now != 0.0:
+        if self.poco.anchor_update == "running" and self.correction.anchor_pass and self.correction.alpha_now != 0.0:
             self._fold_anchor()
 
     @torch.no_grad()
@@ -528,21 +467,20 @@ class IVONPoCo(CorrectionSchedule, IVON):
     # ------------------------------------------------------------------ serialization
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["vbpc"].update(poco={"t": self.t, "counters": dict(self.counters), "anchor": self.anchor.state_dict()})
+        sd["vbpc"].update(poco=self.correction.state_dict())
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict.get("vbpc", {}).get("poco")
         if extra is None:
             raise StateDictMismatchError("not an IVON-PoCo state dict (no 'vbpc.poco' section)")
-        probe = Anchor(self._anchor_params())
-        probe.load_state_dict(extra["anchor"])  # validates shapes before anything changes
+        self.correction.check_state(extra)  # validates shapes before anything changes
         super().load_state_dict(state_dict)
-        self.anchor.load_state_dict(extra["anchor"])
-        self.t = int(extra["t"])
-        self.counters = {"clipped_steps": 0, **extra["counters"]}
+        self.correction.load_state_dict(extra)
 
 
-def IVONPoCoMo(params: Iterable[Any], lr: float, ess: float, beta1: float = 0.9, **kw: Any) -> IVONPoCo:
+class IVONPoCoMo(IVONPoCo):
     """IVON-PoCoMo: :class:`IVONPoCo` with momentum (``beta1 = 0.9`` by default, §6.2)."""
-    return IVONPoCo(params, lr, ess, beta1=beta1, **kw)
+
+    def __init__(self, params: Iterable[Any], lr: float, ess: float, beta1: float = 0.9, **kw: Any):
+        super().__init__(params, lr, ess, beta1=beta1, **kw)

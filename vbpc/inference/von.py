@@ -26,6 +26,7 @@ losses).  Hessians: ``"exact"`` (autograd, one batched double-backward) or ``"pr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -35,17 +36,19 @@ from torch.optim import Optimizer
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
 from ..posterior import FullGaussian, _cholesky, _MeanEntry, perturbation
-from .poco import ANCHOR_NOISE, Anchor, CorrectionSchedule
 from .. import _runtime as ranks
-from .._runtime import capture_rng, restore_rng
+from .correction import CorrectedLearner, PoCo
 
 __all__ = ["VONPoCo", "VON"]
 
 HESSIANS = ("exact", "price")
 EXPECTATIONS = ("mc", "mean")
+#: correction options the full-Gaussian learner does not implement (refused when set)
+_UNSUPPORTED = ("megabatch_size", "refresh_mc", "refresh_antithetic", "correct_hessian", "anchor_device",
+                "alpha_mode", "alpha_smoothing", "anchor_update")
 
 
-class VONPoCo(CorrectionSchedule, Optimizer):
+class VONPoCo(CorrectedLearner, Optimizer):
     r"""Variational online Newton over a full Gaussian with posterior correction (§7).
 
     Args:
@@ -54,10 +57,11 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         weight_decay: δ (prior precision / λ).  hess_init: :math:`P_0=h_0I`.
         hessian: ``"exact"`` | ``"price"``.  expectation: ``"mc"`` | ``"mean"``.
         mc_samples: draws per step (``"mc"``).  pd_correction: ``"auto"`` (on for ``"price"``),
-        True or False.  proximal: the last term of (26) (default True).  alpha, alpha_schedule,
-        total_steps, anchor_period, warmup_steps, anchor_noise, anchor_seed, force_anchor_pass,
-        track_stats: as in :class:`vbpc.IVONPoCo`.  max_dim: the largest d (O(d²) memory,
-        O(d³) per step).
+        True or False.  max_dim: the largest d (O(d²) memory, O(d³) per step).
+        correction: a :class:`vbpc.PoCo`; its fields are also accepted as keyword arguments (``alpha``,
+            ``alpha_schedule``, ``total_steps``, ``anchor_period``, ``warmup_steps``, ``anchor_noise``,
+            ``anchor_seed``, ``force_anchor_pass``, ``track_stats``, and ``proximal``: the last term of (26),
+            on by default here).  The diagonal-family options are refused.
     """
 
     def __init__(
@@ -72,35 +76,31 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         expectation: str = "mc",
         mc_samples: int = 1,
         pd_correction: Any = "auto",
-        proximal: bool = True,
-        alpha: float = 1.0,
-        alpha_schedule: str = "constant",
-        total_steps: Optional[int] = None,
-        anchor_period: Optional[int] = None,
-        warmup_steps: int = 0,
-        anchor_noise: str = "shared",
-        anchor_seed: int = 0,
-        force_anchor_pass: bool = False,
-        track_stats: bool = False,
         max_dim: int = 5000,
         model: Optional[nn.Module] = None,
         norm_update: str = "first",
         sync: bool = False,
+        correction: Optional[PoCo] = None,
+        **correction_kw: Any,
     ):
+        options, unknown = PoCo.split(correction_kw, correction)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {sorted(unknown)}")
+        if options.proximal is None:  # VON's default: the proximal term of (26) on
+            options = dataclasses.replace(options, proximal=True)
         checks = [
             ("lr", lr, 0.0 < lr <= 1.0), ("ess", ess, ess > 0), ("weight_decay", weight_decay, weight_decay >= 0),
             ("hess_init", hess_init, hess_init > 0), ("hessian", hessian, hessian in HESSIANS),
             ("expectation", expectation, expectation in EXPECTATIONS),
             ("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1),
             ("pd_correction", pd_correction, pd_correction in ("auto", True, False)),
-            ("anchor_noise", anchor_noise, anchor_noise in ANCHOR_NOISE),
         ]
         for name, value, ok in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={value!r}")
         if hessian == "price" and expectation == "mean":
             raise ValueError("the Price Hessian needs samples: use expectation='mc'")
-        self._init_schedule(alpha, alpha_schedule, total_steps, anchor_period, warmup_steps)
+        options.check_supported(type(self).__name__, _UNSUPPORTED)
         super().__init__(params, dict(lr=lr, ess=ess, weight_decay=weight_decay))
         plist = self._params()
         d = sum(p.numel() for p in plist)
@@ -111,14 +111,8 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         self.d, self.max_dim = d, max_dim
         self.hessian, self.expectation, self.mc_samples = hessian, expectation, mc_samples
         self.pd_correction = (hessian == "price") if pd_correction == "auto" else bool(pd_correction)
-        self.proximal = bool(proximal)
-        self.anchor_noise = anchor_noise
-        self.force_anchor_pass = bool(force_anchor_pass)
-        self.track_stats = bool(track_stats)
-        self.last_stats: Optional[dict[str, Tensor]] = None
         self.P = hess_init * torch.eye(d, dtype=torch.float64)
-        self.counters = {"inner_passes": 0, "refresh_passes": 0, "inner_examples": 0, "refresh_examples": 0}
-        self.anchor = Anchor(plist, seed=anchor_seed)
+        self._init_correction(options, plist)
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
         self.sync = bool(sync)  # average G, H (in and anchor) and the refresh over torch.distributed ranks
 
@@ -200,9 +194,8 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         return m + torch.linalg.solve_triangular(low.T, z.unsqueeze(1), upper=True).squeeze(1)
 
     # ------------------------------------------------------------------ refresh
-    @torch.no_grad()
-    def refresh(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module] = None,
-                batch_size: Optional[Callable[[Any], int]] = None, progress: bool = True) -> None:
+    def _refresh_anchor(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, model: Optional[nn.Module],
+                        batch_size: Optional[Callable[[Any], int]], progress: bool) -> tuple[int, int]:
         r""":math:`m_{out}\leftarrow m`, :math:`P_{out}\leftarrow P`, and chunk-weighted
         :math:`\bar g_{out},\bar H_{out}` over ``data`` at samples of :math:`q_{out}` (anchor
         generator) or at :math:`m_{out}` (``expectation="mean"``)."""
@@ -220,12 +213,10 @@ class VONPoCo(CorrectionSchedule, Optimizer):
                 H_c += H / len(draws)
             return [g_c], [H_c], len(draws)
 
-        model = self._norm.model if model is None else model
         g_bar, H_bar, passes, seen = self.anchor.accumulate(evaluate, data, names=["flat parameters"], model=model,
                                                             batch_size=batch_size, progress=progress, sync=self.sync)
         self.anchor.publish([m_out], g_bar, H_bar, extra={"P": P_out}, step=self.t, examples=seen)
-        self.counters["refresh_passes"] += passes
-        self.counters["refresh_examples"] += seen
+        return passes, seen
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -234,11 +225,11 @@ class VONPoCo(CorrectionSchedule, Optimizer):
         """One VON(-PoCo) step, eqs. (25)-(27); ``closure`` returns the mean loss with its graph."""
         if closure is None:
             raise SamplingError("VON.step needs a closure returning the loss (without backward)")
-        self._check_refresh()
+        c = self.correction
+        c.begin_step()
         g = self._group
         eta, delta = g["lr"], g["weight_decay"]
-        alpha = self.alpha
-        anchor_pass = alpha != 0.0 or (self.force_anchor_pass and self.anchor.ready)
+        alpha, anchor_pass = c.alpha_now, c.anchor_pass
         names = self._names()
         m = self._flat()
         S = self.precision_matrix()
@@ -253,21 +244,23 @@ class VONPoCo(CorrectionSchedule, Optimizer):
             low_out = _cholesky(S_out, "VON anchor")
         losses = []
         for k, z in enumerate(draws):
-            rng0 = capture_rng()
-            loss, gi, Hi = self._stats(closure, self._sample(m, low, z), m, S, names, first=k == 0)
-            G_in += gi / len(draws)
-            H_in += Hi / len(draws)
-            losses.append(loss)
-            if anchor_pass:
-                rng1 = capture_rng()
-                restore_rng(rng0)
-                z_out = z if (self.anchor_noise == "shared" or z is None) else torch.randn(
+            def current(k: int = k, z: Optional[Tensor] = z) -> Tensor:
+                nonlocal G_in, H_in
+                loss, gi, Hi = self._stats(closure, self._sample(m, low, z), m, S, names, first=k == 0)
+                G_in += gi / len(draws)
+                H_in += Hi / len(draws)
+                return loss
+
+            def anchor(z: Optional[Tensor] = z) -> None:
+                nonlocal G_out, H_out
+                z_out = z if (self.poco.anchor_noise == "shared" or z is None) else torch.randn(
                     self.d, dtype=torch.float64, generator=self.anchor.generator)
                 _, go, Ho = self._stats(closure, self._sample(m_out, low_out, z_out), m_out, S_out, names,
                                         anchor=True)
-                restore_rng(rng1)
                 G_out += go / len(draws)
                 H_out += Ho / len(draws)
+
+            losses.append(c.two_pass(current, anchor if anchor_pass else None))
         loss = torch.stack(losses).mean()
         if self.sync and ranks.active():
             ranks.agree_finite(bool(torch.isfinite(loss)))
@@ -280,7 +273,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
             g_bar, H_bar = self.anchor.grad[0], self.anchor.hess[0]  # type: ignore[index]
             G = (G_in - alpha * G_out) + alpha * g_bar
             H = (H_in - alpha * H_out) + alpha * H_bar
-            if self.proximal:
+            if self.poco.proximal:
                 G = G + alpha * ((H_bar - H_out) @ (m - m_out))
         eye = torch.eye(self.d, dtype=torch.float64)
         D = H - self.P
@@ -294,15 +287,11 @@ class VONPoCo(CorrectionSchedule, Optimizer):
             raise NonFiniteError("VON: the updated P + δI is not positive definite (an indefinite Hessian); "
                                  "use pd_correction=True, hessian='price', or a smaller lr; no state changed")
         m_new = m - eta * torch.cholesky_solve((G + delta * m).unsqueeze(1), low_new).squeeze(1)
-        if self.track_stats:
+        if self.poco.track_stats:
             self.last_stats = {"G_in": G_in, "H_in": H_in, "G_out": G_out, "H_out": H_out, "G": G, "H": H}
         self.P = P_new
         self._write_flat(m_new)()
-        passes = len(draws) * (2 if anchor_pass else 1)
-        self.counters["inner_passes"] += passes
-        if batch_size is not None:
-            self.counters["inner_examples"] += passes * int(batch_size)
-        self.t += 1
+        c.count_step(len(draws) * (2 if anchor_pass else 1), batch_size)
         return loss
 
     # ------------------------------------------------------------------ serialization
@@ -311,8 +300,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["vbpc"] = {"t": self.t, "P": self.P.clone(), "counters": dict(self.counters),
-                      "anchor": self.anchor.state_dict()}
+        sd["vbpc"] = {**self.correction.state_dict(), "P": self.P.clone()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -323,8 +311,7 @@ class VONPoCo(CorrectionSchedule, Optimizer):
             raise StateDictMismatchError(f"saved P has shape {tuple(extra['P'].shape)}, this VON has d={self.d}")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "vbpc"})
         self.P = extra["P"].to(torch.float64).clone()
-        self.t = int(extra["t"])
-        self.counters = dict(extra["counters"])
+        self.correction.load_state_dict(extra, anchor=False)  # the anchor holds flat vectors: restored here
         saved = extra["anchor"]
         self.anchor.mean = None if saved["mean"] is None else [t.clone() for t in saved["mean"]]
         self.anchor.grad = None if saved["grad"] is None else [t.clone() for t in saved["grad"]]
@@ -335,8 +322,12 @@ class VONPoCo(CorrectionSchedule, Optimizer):
 
 
 class VON(VONPoCo):
-    """Plain VON (α = 0, no anchor): the full-Gaussian Bayesian learning rule."""
+    """VON, the full-Gaussian Bayesian learning rule: plain (α = 0, no anchor) unless given
+    ``correction=vbpc.PoCo(...)``, which makes it :class:`VONPoCo`."""
 
-    def __init__(self, params: Iterable[Any], lr: float, ess: float, weight_decay: float = 0.0, **kw: Any):
-        super().__init__(params, lr, ess, weight_decay, alpha=0.0, **kw)
+    def __init__(self, params: Iterable[Any], lr: float, ess: float, weight_decay: float = 0.0, *,
+                 correction: Optional[PoCo] = None, **kw: Any):
+        if correction is None:  # plain VON unless correction options are given
+            correction = PoCo(**{"alpha": 0.0, **{k: kw.pop(k) for k in PoCo.fields() if k in kw}})
+        super().__init__(params, lr, ess, weight_decay, correction=correction, **kw)
 
