@@ -44,7 +44,8 @@ from ..metrics import ece as ece_metric
 from ..models import build_model
 from ..reporting import JsonlLog, markdown_table, mean_std, pm, save_figure, subplots, write_json
 
-__all__ = ["METHODS", "SCENARIOS", "Task", "make_tasks", "preflight", "run_continual", "forgetting"]
+__all__ = ["METHODS", "SCENARIOS", "Task", "evaluate_tasks", "forgetting", "frozen_posterior", "make_tasks", "preflight",
+           "prepare_out", "run_continual", "task_loss"]
 
 METHODS = ("naive", "vcl", "poco", "adamw")
 SCENARIOS = ("split", "permuted")
@@ -136,7 +137,7 @@ def forgetting(acc: list[list[float]]) -> float:
     return sum(max(acc[k][j] for k in range(j, t - 1)) - acc[t - 1][j] for j in range(t - 1)) / (t - 1)
 
 
-def _evaluate(model: nn.Module, tasks: list[Task], posterior: Any, samples: int, seed: int) -> dict[str, Any]:
+def evaluate_tasks(model: nn.Module, tasks: list[Task], posterior: Any, samples: int, seed: int) -> dict[str, Any]:
     accs, probs, labels = [], [], []
     model.eval()
     for task in tasks:
@@ -270,7 +271,7 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         m.remember(task, tc.memory_per_task, g)
-        ev = _evaluate(model, tasks[:t + 1], m.posterior(), cfg.test_samples, seed)
+        ev = evaluate_tasks(model, tasks[:t + 1], m.posterior(), cfg.test_samples, seed)
         acc_rows.append(ev["acc"])
         row = {"method": method, "seed": seed, "task": t + 1, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
                "acc": ev["acc"], "avg_acc": sum(ev["acc"]) / len(ev["acc"]), "forgetting": forgetting(acc_rows),

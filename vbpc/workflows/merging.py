@@ -35,7 +35,7 @@ from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
 from ..reporting import JsonlLog, markdown_table, pm, save_figure, subplots, write_json
-from .continual import Task, _evaluate, frozen_posterior, make_tasks, preflight, prepare_out, task_loss
+from .continual import Task, evaluate_tasks, frozen_posterior, make_tasks, preflight, prepare_out, task_loss
 
 __all__ = ["run_merging", "merge_checkpoints", "MERGES"]
 
@@ -84,7 +84,7 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
     base = frozen_posterior(opt.posterior(model))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     tuned = []
-    accs: dict[str, list[float]] = {"base": _evaluate(model, tasks, None, 0, seed)["acc"]}
+    accs: dict[str, list[float]] = {"base": evaluate_tasks(model, tasks, None, 0, seed)["acc"]}
     individual = []
     for t, task in enumerate(tasks):
         model.load_state_dict(base_state)
@@ -92,15 +92,15 @@ def _one_seed(cfg: MergeConfig, seed: int, tasks: list[Task]) -> dict[str, list[
                                                  prior=base, model=model, weight_decay=lc.weight_decay, **kw)
         _fit(model, ft, task, tc.epochs, tc.batch_size, g, f"task {t + 1} s{seed}", cfg.progress)
         tuned.append(frozen_posterior(ft.posterior(model)))
-        individual.append(_evaluate(model, [task], None, 0, seed)["acc"][0])
+        individual.append(evaluate_tasks(model, [task], None, 0, seed)["acc"][0])
     accs["individual"] = individual
     for how in ("precision", "hessian", "average"):
         merged = merge_posteriors(base, tuned, weights=how)
         model.load_state_dict(base_state)
-        accs[how] = _evaluate(_load_mean(model, merged.mean), tasks, None, 0, seed)["acc"]
+        accs[how] = evaluate_tasks(_load_mean(model, merged.mean), tasks, None, 0, seed)["acc"]
     model.load_state_dict(base_state)
     ta = task_arithmetic(base.mean, [q.mean for q in tuned], scale=1.0)
-    accs["task-arithmetic"] = _evaluate(_load_mean(model, ta), tasks, None, 0, seed)["acc"]
+    accs["task-arithmetic"] = evaluate_tasks(_load_mean(model, ta), tasks, None, 0, seed)["acc"]
     return accs
 
 
