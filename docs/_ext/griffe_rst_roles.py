@@ -63,7 +63,8 @@ def _math_directive(text: str) -> str:
         eqs = [b for b in body if b]
         math = "\n".join(eqs)
         if "\\\\" in math and "\\begin" not in math:
-            math = "\\begin{aligned}" + math + "\\end{aligned}" if "&" in math else "\\begin{gathered}" + math + "\\end{gathered}"
+            env = "aligned" if "&" in math else "gathered"
+            math = f"\\begin{{{env}}}" + math + f"\\end{{{env}}}"
         out += ["", f"{indent}$$", *[indent + e for e in math.split("\n")], f"{indent}$$", ""]
     return "\n".join(out)
 
