@@ -306,8 +306,10 @@ def test_23_cli_reports_a_config_error(tmp_path, capsys):
 
     assert main(["continual", "--set", "tasks.epoch=2", "--set", f"out={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert err == ("vbpc: error: unknown config key 'tasks.epoch'; did you mean 'tasks.epochs'? "
-                   "(vbpc continual)\n")  # one line, no traceback
+    assert err == ("vbpc: error: unknown config key 'tasks.epoch'; did you mean 'tasks.epochs'? (valid keys: "
+                   "tasks.scenario, tasks.n_tasks, tasks.train_size, tasks.test_size, tasks.batch_size, tasks.epochs, "
+                   "tasks.memory_per_task, tasks.memory_batch_size, tasks.memory_weight, tasks.ess, "
+                   "tasks.memory_curvature_mc, tasks.root) (vbpc continual)\n")  # one line, no traceback
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(ConfigError, match="unknown config key 'tasks.epoch'"):  # --debug: the exception itself
         main(["continual", "--set", "tasks.epoch=2", "--set", f"out={tmp_path}", "--debug"])
@@ -706,7 +708,7 @@ def test_44_cli_errors_are_one_line_and_unexpected_ones_point_to_debug(tmp_path,
 
     monkeypatch.setattr(cli, "_info", boom)
     parser = cli.build_parser  # the info subcommand binds _info at build time
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "info", boom))
+    monkeypatch.setattr(cli, "build_parser", lambda *a: _with_func(parser(*a), "info", boom))
     assert cli.main(["info"]) == 1
     assert capsys.readouterr().err == ("vbpc: error: unexpected RuntimeError: a bug (vbpc info); rerun with --debug "
                                        "for the traceback\n")

@@ -152,8 +152,9 @@ def _run_config(args: argparse.Namespace) -> int:
     path = args.config
     if path is None and args.command == "train":
         path = default_train_config()
-        print(f"vbpc train: no config given; running the default {path} (IVON on Fashion-MNIST)", file=sys.stderr)
     cfg = load_config(path, args.set, cls=_load(cls_spec))
+    if args.config is None and args.command == "train":
+        print(f"vbpc train: no config given; running the default {path} (IVON on Fashion-MNIST)", file=sys.stderr)
     runner = _load(runner_spec)
     if args.command == "train":
         summary = runner(cfg, resume=args.resume, overwrite=args.overwrite)
