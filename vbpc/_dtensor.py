@@ -54,7 +54,7 @@ def randn_like(like: Tensor, generator: torch.Generator, dtype: torch.dtype) -> 
     every rank (an anchor's), so a draw of the local shape would repeat the same numbers on every
     shard.  The full draw is transient, one tensor at a time."""
     full = torch.randn(like.shape, generator=generator, dtype=dtype).to(like.device)
-    if not is_dtensor(like):
+    if DTensor is None or not isinstance(like, DTensor):
         return full
     try:
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
@@ -69,7 +69,7 @@ def global_sums(values: list[Tensor], like: list[Tensor]) -> list[Tensor]:
     out = list(values)
     groups: dict[tuple, list[int]] = {}
     for j, t in enumerate(like):
-        if is_dtensor(t) and any(p.is_shard() for p in t.placements):
+        if DTensor is not None and isinstance(t, DTensor) and any(p.is_shard() for p in t.placements):
             groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(j)
     for (mesh, placements), idx in groups.items():
         partial = [Partial() if p.is_shard() else Replicate() for p in placements]

@@ -32,7 +32,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -254,6 +254,18 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+@overload
+def predict_batch(model: nn.Module, inputs: Any, posterior: Optional[GaussianPosterior] = ..., n_samples: int = ...,
+                  *, generator: Optional[torch.Generator] = ..., vectorize: Union[str, Vectorize] = ...,
+                  return_samples: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def predict_batch(model: nn.Module, inputs: Any, posterior: Optional[GaussianPosterior] = ..., n_samples: int = ...,
+                  *, generator: Optional[torch.Generator] = ..., vectorize: Union[str, Vectorize] = ...,
+                  return_samples: Literal[True]) -> tuple[Tensor, Optional[Tensor]]: ...
+
+
 def predict_batch(model: nn.Module, inputs: Any, posterior: Optional[GaussianPosterior] = None, n_samples: int = 0,
                   *, generator: Optional[torch.Generator] = None, vectorize: Union[str, Vectorize] = "auto",
                   return_samples: bool = False) -> Union[Tensor, tuple[Tensor, Optional[Tensor]]]:

@@ -113,11 +113,11 @@ def select_parameters(
         types = tuple(module_types) if isinstance(module_types, (list, tuple, set)) else (module_types,)
         if not all(isinstance(t, type) for t in types):
             raise TypeError(f"module_types must be a type or a sequence of types, got {module_types!r}")
-        ids: set[int] = set()
+        type_ids: set[int] = set()
         for module in model.modules():
             if isinstance(module, types):
-                ids.update(id(p) for p in module.parameters(recurse=False))
-        pairs = [(n, p) for n, p in pairs if id(p) in ids]
+                type_ids.update(id(p) for p in module.parameters(recurse=False))
+        pairs = [(n, p) for n, p in pairs if id(p) in type_ids]
 
     inc, exc = _compile(include), _compile(exclude)
     if inc:
@@ -157,8 +157,8 @@ def warn_outside_scope(model: nn.Module, params: Iterable[torch.Tensor], who: st
 def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
     """Names of ``params`` inside ``model`` (raises ``KeyError`` naming a stranger)."""
     lookup: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        lookup.setdefault(id(p), n)
+    for n, q in model.named_parameters(remove_duplicate=False):
+        lookup.setdefault(id(q), n)
     names = []
     for i, p in enumerate(params):
         if id(p) not in lookup:

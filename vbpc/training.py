@@ -59,14 +59,15 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last: list[Tensor] = []
 
-        def closure(x: Tensor = x, y: Tensor = y, last: list[Tensor] = last) -> Tensor:
+        def closure() -> Tensor:  # called within this iteration: x, y and last are this batch's
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
             last.append(loss.detach())
             return loss
 
-        out = optimizer.step(closure)
+        # torch types a closure as returning a float; every optimizer takes the loss tensor
+        out = optimizer.step(closure)  # type: ignore[arg-type]
         if scheduler is not None:
             scheduler.step()
         loss_val = float(torch.as_tensor(out).detach() if out is not None else last[-1])

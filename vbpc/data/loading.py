@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sized
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -99,6 +100,8 @@ def make_loader(
     if batched is None:
         batched = isinstance(dataset, TensorDataset) or bool(getattr(dataset, "batch_indexable", False))
     pin = device is not None and torch.device(device).type == "cuda"
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"make_loader needs a map-style dataset with a length, got {type(dataset).__name__}")
     base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     # Without workers the loader's base seed is unused, but drawing it would consume torch's global
     # RNG at every epoch (``iter(loader)``); a private generator keeps iteration RNG-neutral, so a

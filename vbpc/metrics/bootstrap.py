@@ -316,7 +316,8 @@ def bootstrap_ood(pred_in: Any, pred_out: Any, *, score: Union[str, OODScore] = 
 
     def scores(pred: Any, stack: Optional[Any], side: str) -> Tensor:
         probs, _ = to_probs(pred, inputs, f"pred_{side}")
-        st = None if stack is None else check_stack(stack, inputs, *probs.shape, what=f"sample_stack_{side}")
+        n, n_classes = probs.shape
+        st = None if stack is None else check_stack(stack, inputs, n, n_classes, what=f"sample_stack_{side}")
         return scores_from(probs, None if st is None else st.to(probs.device), score_e)
 
     s_in, s_out = scores(pred_in, sample_stack_in, "in"), scores(pred_out, sample_stack_out, "out")

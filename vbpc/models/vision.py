@@ -31,7 +31,7 @@ class InputCheck:
             check_image_input(self.name, args[0], self.channels, self.min_size)
 
 
-def _named_module(model: nn.Module, kind: type) -> tuple[str, nn.Module]:
+def _named_module(model: nn.Module, kind: type[nn.Module]) -> tuple[str, nn.Module]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
     if not found:
         raise ValueError(f"adapt_classifier: {type(model).__name__} has no {kind.__name__} layer")
@@ -78,6 +78,7 @@ def adapt_classifier(model: nn.Module, num_classes: Optional[int] = None, in_cha
                 w = w.mean(dim=1, keepdim=True).expand(-1, c_in, -1, -1) * (conv.in_channels / c_in)
             new.weight.copy_(w)
             if conv.bias is not None:
+                assert new.bias is not None  # built with bias=conv.bias is not None
                 new.bias.copy_(conv.bias)
         _set(model, name, new)
         if small_inputs and is_resnet:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Iterator, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,12 @@ class BayesModule(nn.Module):
         noise = self._noise(name, p)
         return p + noise
 
+    def _sampled_weight(self) -> Tensor:
+        """:meth:`sampled_parameter` of ``weight``, which every Bayesian layer has."""
+        w = self.sampled_parameter("weight")
+        assert w is not None
+        return w
+
     def _noise(self, name: str, p: Tensor) -> Tensor:
         cd = torch.promote_types(p.dtype, torch.float32)
         prec = self.precision(name).to(device=p.device, dtype=cd)
@@ -170,7 +176,7 @@ class BayesLinear(BayesModule, nn.Linear):
         self._init_bayes(init_precision)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.sampled_parameter("weight"), self.sampled_parameter("bias"))
+        return F.linear(input, self._sampled_weight(), self.sampled_parameter("bias"))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._bayes_repr()}"
@@ -194,7 +200,7 @@ class BayesConv2d(BayesModule, nn.Conv2d):
         dilation: Union[int, tuple[int, int]] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         device: Union[torch.device, str, None] = None,
         dtype: Optional[torch.dtype] = None,
         *,
@@ -207,7 +213,7 @@ class BayesConv2d(BayesModule, nn.Conv2d):
         self._init_bayes(init_precision)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.sampled_parameter("weight"), self.sampled_parameter("bias"))
+        return self._conv_forward(input, self._sampled_weight(), self.sampled_parameter("bias"))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._bayes_repr()}"
@@ -252,7 +258,7 @@ class BayesEmbedding(BayesModule, nn.Embedding):
         return noise
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.embedding(input, self.sampled_parameter("weight"), self.padding_idx, self.max_norm,
+        return F.embedding(input, self._sampled_weight(), self.padding_idx, self.max_norm,
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
     def extra_repr(self) -> str:
