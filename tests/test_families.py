@@ -57,7 +57,7 @@ def test_o10_full_sample_covariance_and_transposition_bug():
     """‖Ĉ − S⁻¹‖_F / ‖S⁻¹‖_F < 0.05 for a non-diagonal S; θ = m + L⁻¹z (the bug) fails it."""
     d = 6
     s = _spd(d, 3, cond=50.0)
-    post = FullGaussian([vbpc.posterior._MeanEntry("w", torch.zeros(d, dtype=F64))], s)
+    post = FullGaussian([vbpc.posterior.MeanEntry("w", torch.zeros(d, dtype=F64))], s)
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack([post.sample(gen)["w"] for _ in range(20_000)])
     cov = torch.cov(draws.T)
@@ -70,7 +70,7 @@ def test_o10_full_sample_covariance_and_transposition_bug():
 
 
 def test_full_validation_errors():
-    e = [vbpc.posterior._MeanEntry("w", torch.zeros(3, dtype=F64))]
+    e = [vbpc.posterior.MeanEntry("w", torch.zeros(3, dtype=F64))]
     with pytest.raises(ValueError, match="shape"):
         FullGaussian(e, torch.eye(2, dtype=F64))
     with pytest.raises(ValueError, match="symmetric"):
@@ -84,7 +84,7 @@ def test_full_validation_errors():
 
 
 def test_full_cholesky_cache_follows_in_place_updates():
-    e = [vbpc.posterior._MeanEntry("w", torch.zeros(2, dtype=F64))]
+    e = [vbpc.posterior.MeanEntry("w", torch.zeros(2, dtype=F64))]
     post = FullGaussian(e, torch.eye(2, dtype=F64))
     first = post.entropy()
     post.precision.mul_(4.0)

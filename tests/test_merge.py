@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from vbpc.errors import StateDictMismatchError
-from vbpc.inference.merge import merge_posteriors, task_arithmetic
-from vbpc.posterior import DiagonalGaussian, _Entry
+from vbpc.posterior import merge_posteriors, task_arithmetic
+from vbpc.posterior import DiagonalGaussian, Entry
 
 
 def gaussian(mean: dict, precision: dict) -> DiagonalGaussian:
-    return DiagonalGaussian([_Entry(n, mean[n], precision[n], 1.0, 0.0) for n in mean])
+    return DiagonalGaussian([Entry(n, mean[n], precision[n], 1.0, 0.0) for n in mean])
 
 
 def test_quadratic_tasks_merge_to_joint_posterior():

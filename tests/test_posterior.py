@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 
 import vbpc
 from helpers import train_steps
-from vbpc.posterior import DiagonalGaussian, _Entry
+from vbpc.posterior import DiagonalGaussian, Entry
 
 F64 = torch.float64
 
@@ -20,7 +20,7 @@ def _post(seed=0, ess=20.0, wd=0.05):
     g = torch.Generator().manual_seed(seed)
     shapes = {"a": (3, 4), "b": (5,), "c": ()}
     return DiagonalGaussian([
-        _Entry(n, torch.randn(s, generator=g, dtype=F64), torch.rand(s, generator=g, dtype=F64) + 0.1, ess, wd)
+        Entry(n, torch.randn(s, generator=g, dtype=F64), torch.rand(s, generator=g, dtype=F64) + 0.1, ess, wd)
         for n, s in shapes.items()
     ])
 

@@ -3,7 +3,7 @@
 from .continual import ContinualIVON, pretrained_posterior
 from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
-from .merge import merge_posteriors, task_arithmetic
+from ..posterior.merging import merge_posteriors, task_arithmetic
 from .correction import Correction, PoCo, ReplayCorrection
 from .poco import Anchor
 from .von import VON, VONPoCo

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .._enums import parse_enum
 from ..errors import SamplingError, StateDictMismatchError
-from ..posterior import DiagonalGaussian, _Entry
+from ..posterior import DiagonalGaussian, Entry
 from .correction import ReplayCorrection
 from .ivon_poco import IVONPoCo
 from .poco import Anchor, batch_size_of
@@ -163,7 +163,7 @@ class ContinualIVON(IVONPoCo):
         self._bind_prior(prior, model, start_at is Start.PRIOR)
 
     # ------------------------------------------------------------------ prior
-    def _prior_entries(self, prior: DiagonalGaussian, model: Optional[nn.Module]) -> list[_Entry]:
+    def _prior_entries(self, prior: DiagonalGaussian, model: Optional[nn.Module]) -> list[Entry]:
         params = self._anchor_params()
         entries = list(prior._entries)
         if model is not None:
@@ -228,7 +228,7 @@ class ContinualIVON(IVONPoCo):
         for g in self.param_groups:
             for p in self._trainable(g):
                 st = self.state[p]
-                entries.append(_Entry(self._prior_names[o], self.anchor.mean[o].clone(), st["prior_delta"].clone(),
+                entries.append(Entry(self._prior_names[o], self.anchor.mean[o].clone(), st["prior_delta"].clone(),
                                       float(g["ess"]), 0.0))
                 o += 1
         return DiagonalGaussian(entries)
@@ -511,7 +511,7 @@ def pretrained_posterior(
         m = p.detach().to(hb.dtype, copy=True)
         if mean_at is PreMean.NEWTON:
             m = m - (g.to(hb) + weight_decay * m) / (hb + weight_decay)
-        entries.append(_Entry(n, m, hb, float(ess), float(weight_decay)))
+        entries.append(Entry(n, m, hb, float(ess), float(weight_decay)))
     post = DiagonalGaussian(entries)
     return post.bind(model)
 

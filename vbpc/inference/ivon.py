@@ -52,7 +52,8 @@ from ..functional import (
     welford_,
 )
 from ..nn.norm import RunningStatsGuard
-from ..posterior import DiagonalGaussian, _Entry, _state_dtype, perturbation
+from ..posterior.base import Entry, perturbation, state_dtype
+from ..posterior.diagonal import DiagonalGaussian
 from ..scope import warn_outside_scope
 from .. import _runtime as ranks
 
@@ -336,7 +337,7 @@ class IVON(Optimizer):
         return flag
 
     def _sdtype(self, p: Tensor) -> torch.dtype:
-        return _state_dtype(p.dtype, self.state_dtype)
+        return state_dtype(p.dtype, self.state_dtype)
 
     def _state(self, p: Tensor, group: dict) -> dict:
         """Per-parameter state, created lazily (so ``add_param_group`` works, fix 7)."""
@@ -994,7 +995,7 @@ class IVON(Optimizer):
             for p in self._trainable(group):
                 st = self._state(p, group)
                 name = names.get(id(p)) or self._names([p])[0]
-                entries.append(_Entry(name, st.get("mean", p), st["hess"], float(group["ess"]),
+                entries.append(Entry(name, st.get("mean", p), st["hess"], float(group["ess"]),
                                       float(group["weight_decay"]), target=p))
         return DiagonalGaussian(entries)
 

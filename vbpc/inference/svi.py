@@ -55,7 +55,8 @@ from pyro.optim import PyroOptim
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian, _Entry, _state_dtype
+from ..posterior import DiagonalGaussian, Entry, FullGaussian, GaussianPosterior, IsotropicGaussian
+from ..posterior.base import state_dtype
 from ..scope import Scope, select_parameters
 
 __all__ = [
@@ -629,8 +630,8 @@ class BayesByBackprop:
         for n in self.site_names:
             target = self._targets[n]
             std = self.guide.scale(n).double()
-            hess = (1.0 / (self.ess * std * std) - self.weight_decay).to(_state_dtype(target.dtype))
-            entries.append(_Entry(n, self.guide.loc(n).clone().to(target.dtype), hess, self.ess,
+            hess = (1.0 / (self.ess * std * std) - self.weight_decay).to(state_dtype(target.dtype))
+            entries.append(Entry(n, self.guide.loc(n).clone().to(target.dtype), hess, self.ess,
                                   self.weight_decay, target=target))
         return DiagonalGaussian(entries)
 

@@ -35,7 +35,8 @@ from torch.optim import Optimizer
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
-from ..posterior import FullGaussian, _cholesky, _MeanEntry, perturbation
+from ..posterior.base import MeanEntry, cholesky, perturbation
+from ..posterior.full import FullGaussian
 from .. import _runtime as ranks
 from .correction import CorrectedLearner, PoCo
 
@@ -152,7 +153,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         if model is not None:
             for n, p in model.named_parameters(remove_duplicate=False):
                 names.setdefault(id(p), n)
-        entries = [_MeanEntry(names.get(id(p), f"params[{i}]"), p, target=p) for i, p in enumerate(self._params())]
+        entries = [MeanEntry(names.get(id(p), f"params[{i}]"), p, target=p) for i, p in enumerate(self._params())]
         return FullGaussian(entries, self.precision_matrix(), max_dim=self.max_dim)
 
     def _stats(self, closure: Callable[[], Tensor], theta: Tensor, m: Tensor, S: Tensor,
@@ -201,7 +202,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         generator) or at :math:`m_{out}` (``expectation="mean"``)."""
         m_out, P_out = self._flat(), self.P.clone()
         S_out = self.precision_matrix(P_out)
-        low = _cholesky(S_out, "VON refresh")
+        low = cholesky(S_out, "VON refresh")
         names = self._names()
 
         def evaluate(batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
@@ -233,7 +234,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         names = self._names()
         m = self._flat()
         S = self.precision_matrix()
-        low = _cholesky(S, "VON step")
+        low = cholesky(S, "VON step")
         draws = self._draws(None)
         G_in = torch.zeros(self.d, dtype=torch.float64)
         H_in = torch.zeros(self.d, self.d, dtype=torch.float64)
@@ -241,7 +242,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         if anchor_pass:
             m_out, P_out = self.anchor.mean[0], self.anchor.extra["P"]  # type: ignore[index]
             S_out = self.precision_matrix(P_out)
-            low_out = _cholesky(S_out, "VON anchor")
+            low_out = cholesky(S_out, "VON anchor")
         losses = []
         for k, z in enumerate(draws):
             def current(k: int = k, z: Optional[Tensor] = z) -> Tensor:

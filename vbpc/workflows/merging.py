@@ -8,7 +8,7 @@ evaluated on each task, next to task arithmetic.
    :math:`p_t=p_0+\lambda_t h_t`.
 3. Merges of the :math:`T` posteriors with the prior counted once: ``precision`` (eq. 31),
    ``hessian`` (:math:`p_0\to0`), ``average`` (task arithmetic with :math:`1/T`, the equal-isotropic
-   case) and task arithmetic with scale 1 (:func:`vbpc.inference.merge.task_arithmetic`).
+   case) and task arithmetic with scale 1 (:func:`vbpc.posterior.task_arithmetic`).
 
 Every model is scored at its mean weights on every task's test set (the head masked to the
 task's classes).  Writes ``results.md``/``results.json`` (mean ± std over seeds), ``metrics.jsonl`` and
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, MergeConfig, to_dict
 from ..data import seed_everything
-from ..inference.merge import merge_posteriors, task_arithmetic
+from ..posterior.merging import merge_posteriors, task_arithmetic
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
@@ -178,7 +178,7 @@ def _table(rows: list[dict[str, Any]], names: list[str], cfg: MergeConfig) -> st
 def merge_checkpoints(base: Union[str, Path], finetuned: Sequence[Union[str, Path]], out: Union[str, Path],
                       weights: str = "precision") -> dict[str, Any]:
     """``vbpc merge``: merge the posteriors of ``finetuned`` checkpoints that share the base (prior)
-    posterior of ``base`` (eq. 31, :func:`vbpc.inference.merge.merge_posteriors`), load the merged
+    posterior of ``base`` (eq. 31, :func:`vbpc.posterior.merge_posteriors`), load the merged
     mean into the base model and save model + merged posterior to ``out``."""
     from .. import checkpoint
 
