@@ -116,6 +116,15 @@ def cases(test: str, select: Optional[Callable[[Case], bool]] = None) -> list:
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two spin-wait against each other on the shared CPUs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------- the problem
 def _problem():
     g = torch.Generator().manual_seed(123)
@@ -487,6 +496,49 @@ def test_batchnorm_running_stats_follow_the_policy(case):
         torch.testing.assert_close(bn.running_mean, rm, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var, rv, rtol=1e-5, atol=1e-6)
     assert anchor_steps >= 2 or not case.info.anchored  # the anchor passes did run (and were undone)
+
+
+def _bn_forward(model: nn.Module, theta: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The running mean of ``model``'s BatchNorm after train-mode forwards of ``inputs`` at weights ``theta``."""
+    m = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for p, t in zip(m.parameters(), theta):
+            p.copy_(t.reshape(p.shape))
+        for x in inputs:
+            m(x)
+    return m[1].running_mean.clone()
+
+
+def _anchor_means(opt: Any, model: nn.Module) -> list[torch.Tensor]:
+    means = [t.detach().float() for t in opt.anchor.mean]
+    params = list(model.parameters())
+    if len(means) == 1 and len(params) > 1:  # VON: one flat vector
+        return list(torch.split(means[0], [p.numel() for p in params]))
+    return means
+
+
+@pytest.mark.parametrize("case", cases("batchnorm_pass", lambda c: c.info.supports_model_norm and (
+    c.info.anchored or c.memory)))
+def test_batchnorm_the_current_pass_updates_not_the_anchor_pass(case):
+    """BatchNorm after the first layer, the mean moved far from the anchor: the statistics a step leaves are
+    those of a forward at the current mean (up to the weight noise), not at the anchor's."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = case.build(model.parameters(), model=model)
+    torch.manual_seed(1)
+    _drive(case, model, opt, 0, 1)  # the refresh at t = 0 and one step
+    with torch.no_grad():
+        model[0].bias.add_(3.0)  # the (fp32) mean is the parameter itself for every learner here
+    n = int(model[1].num_batches_tracked)
+    xb = BATCHES[1][0]
+    cur = _bn_forward(model, _params(model), [xb, XM] if case.memory else [xb])
+    out = _bn_forward(model, _anchor_means(opt, model), [XM] if case.memory else [xb])
+    assert (cur - out).norm() > 0.5  # the two passes would leave clearly different statistics
+    assert opt.alpha != 0.0 if case.info.anchored else True  # the anchor pass runs
+    _step(case, model, opt, 1)
+    assert int(model[1].num_batches_tracked) == n + (2 if case.memory else 1)
+    assert (model[1].running_mean - cur).norm() < 0.25 * (model[1].running_mean - out).norm()
 
 
 def _init_args(case: Case) -> set[str]:
