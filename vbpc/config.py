@@ -206,6 +206,10 @@ class ContinualConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, getattr(types, "UnionType", Union)):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, dict):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
