@@ -171,7 +171,7 @@ def train(arch: str, method: str, lr: float, seed: int, args: argparse.Namespace
     t0 = time.perf_counter()
     post = None
     if method == "bbb":
-        from vbpc.inference.svi import BayesByBackprop
+        from vbpc.integrations.pyro import BayesByBackprop
 
         bbb = BayesByBackprop(model, ess=n, weight_decay=args.weight_decay, lr=lr)
         for e, loader in enumerate(loaders):

@@ -14,7 +14,7 @@ from pyro import poutine
 
 import vbpc
 from vbpc.data import load_fashion_mnist
-from vbpc.inference.svi import (
+from vbpc.integrations.pyro import (
     FLAT_SITE,
     OBS_SITE,
     PROBS_SITE,

@@ -13,8 +13,8 @@ from .scope import Scope, select_parameters
 from .version import __version__
 
 #: loaded on first use: Pyro is imported only by the Pyro bridge (``import vbpc`` stays light)
-_LAZY = {"BayesByBackprop": "inference.svi", "to_pyro": "inference.svi", "to_pyro_guide": "inference.svi",
-         "to_pyro_model": "inference.svi"}
+_LAZY = {"BayesByBackprop": "integrations.pyro", "to_pyro": "integrations.pyro",
+         "to_pyro_guide": "integrations.pyro", "to_pyro_model": "integrations.pyro"}
 
 
 def __getattr__(name: str):  # PEP 562

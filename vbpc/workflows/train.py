@@ -84,7 +84,7 @@ def _prior(post: Any) -> Any:
 
 
 def _train_bbb(cfg: TrainConfig, model: nn.Module, data: Any, n: int, out: Path, path: Path) -> dict[str, Any]:
-    """Bayes-by-backprop through Pyro SVI (:class:`vbpc.inference.svi.BayesByBackprop`): constant LR,
+    """Bayes-by-backprop through Pyro SVI (:class:`vbpc.integrations.pyro.BayesByBackprop`): constant LR,
     a checkpoint (posterior mean in the model, the guide as the posterior) at the end; no resume."""
     from .. import BayesByBackprop
 
