@@ -199,7 +199,8 @@ def _assert_same(a: Any, b: Any, path: str = "state_dict") -> None:
     """Bitwise equality of nested state (tensors: dtype, shape and values)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
         assert torch.equal(a, b), f"{path}: values differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs " \
@@ -620,6 +621,27 @@ def test_step_without_closure_is_refused(case):
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
     _assert_same(opt.state_dict(), sd)
+
+
+@pytest.mark.parametrize("case", cases("no_closure", lambda c: not c.info.needs_closure and not c.baseline))
+def test_samples_collected_by_hand_equal_the_closure_step(case):
+    """``needs_closure=False``: ``sampled_params(train=True)`` + ``step()`` is the step with a closure."""
+    out = []
+    for by_hand in (False, True):
+        model = _model()
+        opt = case.build(model.parameters())
+        torch.manual_seed(1)
+        for t in range(3):
+            closure = _closure(case, model, opt, *BATCHES[t])
+            if by_hand:
+                with opt.sampled_params(train=True):
+                    closure()
+                opt.step()
+            else:
+                opt.step(closure)
+        out.append(_params(model))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("case", cases("sample", lambda c: not c.baseline))
