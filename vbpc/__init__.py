@@ -1,14 +1,20 @@
-"""vbpc: variational Bayesian deep learning with posterior correction, for PyTorch."""
+"""vbpc: variational Bayesian deep learning with posterior correction, for PyTorch (docs/index.md).
+
+``import vbpc`` loads torch and vbpc's own modules only: the Pyro bridge, the framework integrations
+(:mod:`vbpc.integrations`), the plots and the command line load on first use.
+"""
 
 from . import checkpoint, metrics, nn, predictive
-from .errors import NonFiniteError, SamplingError, StateDictMismatchError
-from .inference.ivon import IVON
+from .errors import CorruptCheckpointError, NonFiniteError, RunLockedError, SamplingError, StateDictMismatchError
 from .inference.continual import ContinualIVON, pretrained_posterior
-from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.correction import PoCo, ReplayCorrection
-from .inference.vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo
+from .inference.ivon import IVON
+from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
 from .inference.von import VON, VONPoCo
-from .posterior import DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian
+from .inference.vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo
+from .memory import state_bytes
+from .posterior import (DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian, merge_posteriors,
+                        task_arithmetic)
 from .scope import Scope, select_parameters
 from .version import __version__
 
@@ -21,39 +27,54 @@ def __getattr__(name: str):  # PEP 562
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)  # noqa: F821
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'vbpc' has no attribute {name!r}")
 
+
 __all__ = [
+    # learners (torch.optim optimizers)
     "IVON",
+    "VSGD",
+    "VON",
+    # posterior correction: the component and its named learners
+    "PoCo",
+    "ReplayCorrection",
     "IVONPoCo",
-    "ContinualIVON",
-    "pretrained_posterior",
     "IVONPoCoMo",
     "VSGDPoCo",
-    "VSGD",
     "SVRG",
     "AlphaSVRG",
-    "VON",
     "VONPoCo",
+    # knowledge adaptation
+    "ContinualIVON",
+    "pretrained_posterior",
+    "merge_posteriors",
+    "task_arithmetic",
+    # posteriors and what they cover
+    "GaussianPosterior",
+    "DiagonalGaussian",
+    "IsotropicGaussian",
+    "FullGaussian",
+    "Scope",
+    "select_parameters",
+    "state_bytes",
+    # Pyro (loaded on first use)
     "BayesByBackprop",
     "to_pyro",
     "to_pyro_guide",
     "to_pyro_model",
-    "nn",
+    # modules
     "checkpoint",
     "metrics",
+    "nn",
     "predictive",
-    "DiagonalGaussian",
-    "IsotropicGaussian",
-    "FullGaussian",
-    "GaussianPosterior",
-    "Scope",
-    "select_parameters",
+    # errors
     "NonFiniteError",
     "SamplingError",
     "StateDictMismatchError",
+    "CorruptCheckpointError",
+    "RunLockedError",
     "__version__",
 ]
