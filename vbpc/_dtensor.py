@@ -10,7 +10,7 @@ sum) need the other shards: :func:`global_sums`.  Nothing here shards anything.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 from torch import Tensor
@@ -31,6 +31,10 @@ def any_dtensor(ts: list[Tensor]) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in ts)
 
 
+@overload
+def local(t: Tensor) -> Tensor: ...
+@overload
+def local(t: None) -> None: ...
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
     """This rank's shard of a DTensor (an alias: in-place writes update the DTensor), else ``t``."""
     if DTensor is None or not isinstance(t, DTensor):

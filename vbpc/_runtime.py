@@ -44,7 +44,7 @@ class RNGState:
 
     torch_cpu: torch.Tensor
     torch_cuda: list[torch.Tensor] = field(default_factory=list)
-    numpy: Optional[tuple] = None
+    numpy: Optional[Any] = None
     python: Any = None
     extra: list[torch.Tensor] = field(default_factory=list)
 

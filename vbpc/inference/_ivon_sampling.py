@@ -29,10 +29,12 @@ from ..functional import (
 from ..posterior.base import perturbation
 from .. import _runtime as ranks
 
+from ._ivon_state import IVONBase
+
 __all__ = ["WeightSampling"]
 
 
-class WeightSampling:
+class WeightSampling(IVONBase):
     """The sampling half of :class:`vbpc.IVON` (a mixin)."""
 
     # ------------------------------------------------------------------ sampling
@@ -126,13 +128,13 @@ class WeightSampling:
             bufs[key] = self._flat(ws, key, sum(params[i].numel() for i in idx), key[1], key[0])
             torch.randn(bufs[key].numel(), out=bufs[key])
         if ws["views"] is None:
-            views: list[Optional[Tensor]] = [None] * len(params)
+            slots: list[Optional[Tensor]] = [None] * len(params)
             for key, idx in buckets.items():
                 off = 0
                 for i in idx:
-                    views[i] = bufs[key][off:off + params[i].numel()].view_as(params[i])
+                    slots[i] = bufs[key][off:off + params[i].numel()].view_as(params[i])
                     off += params[i].numel()
-            ws["views"] = views
+            ws["views"] = slots
         return ws["views"]
 
     def _draw_sample(self) -> list[tuple[int, list[Tensor], list[Tensor]]]:

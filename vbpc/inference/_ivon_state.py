@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import _dtensor as dt
+from .. import _runtime as ranks
+from ..posterior.base import state_dtype
 
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import (
     check_clip_grad_norm,
 )
 
-__all__ = ["IVONState", "check_hparams", "HESS_APPROX", "GRADSQ_SCALE", "SCALAR_STATE"]
+__all__ = ["IVONBase", "IVONState", "check_hparams", "HESS_APPROX", "GRADSQ_SCALE", "SCALAR_STATE"]
 
 HESS_APPROX = ("price", "gradsq")
 GRADSQ_SCALE = ("ess", "none")
@@ -57,7 +62,71 @@ def check_hparams(h: dict, where: str = "") -> None:
         bad("gradsq_scale", f"one of {GRADSQ_SCALE}")
 
 
-class IVONState:
+class IVONBase(Optimizer):
+    """What :class:`vbpc.IVON`'s mixins share: the attributes ``IVON.__init__`` sets (declared here for type
+    checkers) and the per-parameter state helpers."""
+
+    parity: Optional[str]
+    state_dtype: torch.dtype
+    mc_samples: int
+    sync: bool
+    foreach: Optional[bool]
+    clip_grad_norm: Optional[float]
+    foreign_grads: str
+    counters: dict[str, int]
+    skipped_samples: int
+    _sharded: bool
+    _count: int
+    _count_out: int
+    _active: bool
+    _closure_owned: bool
+    _clipped: bool
+    _acc: dict[int, dict[str, Any]]
+    _noise_checked: bool
+    _ws: dict[int, dict[str, Any]]
+
+    def _check_positivity(self, gi: int, group: dict, params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _reset_samples(self) -> None:
+        raise NotImplementedError
+
+    def _loc(self, ts: list[Tensor]) -> list[Tensor]:
+        """The local shards of DTensors (FSDP2), the tensors themselves otherwise."""
+        return dt.locals_(ts) if self._sharded else ts
+
+    def _agree(self, flag: bool, device: torch.device) -> bool:
+        """``flag`` and-ed over ranks when the parameters are sharded (each rank sees its shards)."""
+        if self._sharded and ranks.active():
+            return ranks.all_true(flag, device)
+        return flag
+
+    def _sdtype(self, p: Tensor) -> torch.dtype:
+        return state_dtype(p.dtype, self.state_dtype)
+
+    def _state(self, p: Tensor, group: dict) -> dict:
+        """Per-parameter state, created lazily (so ``add_param_group`` works, fix 7)."""
+        st = self.state[p]
+        if not st:
+            sd = self._sdtype(p)
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["momentum"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
+            st["hess"] = torch.full_like(p, group["hess_init"], dtype=sd, memory_format=torch.contiguous_format)
+            if self.parity:
+                # The reference adds torch.as_tensor(hess_init), i.e. h0 rounded to the default
+                # dtype (float32), even for float64 parameters; reproduced only under parity.
+                st["hess"].zero_().add_(torch.as_tensor(group["hess_init"]))
+            if p.dtype != sd:
+                st["mean"] = p.detach().to(sd, copy=True)
+            st["wd_checked"] = float(group["weight_decay"])
+        return st
+
+    @staticmethod
+    def _trainable(group: dict) -> list[Tensor]:
+        return [p for p in group["params"] if p.requires_grad]
+
+
+class IVONState(IVONBase):
     """Serialization of :class:`vbpc.IVON` (a mixin)."""
 
     # ------------------------------------------------------------------ serialization
@@ -120,7 +189,7 @@ class IVONState:
             missing = {"step", "momentum", "hess"} - set(st)
             if missing:
                 raise StateDictMismatchError(f"state of parameter {idx} lacks {sorted(missing)} (not an IVON state?)")
-            out = {}
+            out: dict[str, Any] = {}
             for k, v in st.items():
                 if isinstance(v, Tensor) and k in SCALAR_STATE:  # per-tensor float64 scalars (IVON-PoCo)
                     if v.dim() != 0:
@@ -148,7 +217,7 @@ class IVONState:
         mc = extra.get("mc_samples", new_groups[0]["mc_samples"] if new_groups else 1)
         if not (isinstance(mc, int) and not isinstance(mc, bool) and mc >= 1):
             raise StateDictMismatchError(f"the state dict's mc_samples={mc!r} is not an int >= 1")
-        state_dtype = self.state_dtype
+        state_dtype: Optional[torch.dtype] = self.state_dtype
         if "state_dtype" in extra:
             state_dtype = getattr(torch, extra["state_dtype"], None) if isinstance(extra["state_dtype"], str) else None
             if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -165,6 +234,7 @@ class IVONState:
         self.clip_grad_norm = clip
         self.counters = {**self.counters, **extra.get("counters", {})}
         self.parity = extra.get("parity", self.parity)
+        assert state_dtype is not None  # checked above
         self.state_dtype = state_dtype
         self._ws.clear()
         self._reset_samples()

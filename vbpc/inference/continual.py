@@ -469,7 +469,7 @@ def pretrained_posterior(
     if curv is Curvature.FISHER and logits_fn is None:
         raise ValueError("curvature='fisher' needs logits_fn(batch) -> logits (classification)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    params: list[Tensor] = [p for _, p in named]
     names = [n for n, _ in named]
     anchor = Anchor(params, seed=seed)
     if curv is Curvature.PRICE:

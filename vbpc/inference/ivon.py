@@ -44,7 +44,7 @@ from ..functional import (
     price_hessian_,
 )
 from ..nn.norm import RunningStatsGuard
-from ..posterior.base import Entry, state_dtype
+from ..posterior.base import Entry
 from ..posterior.diagonal import DiagonalGaussian
 from ..scope import warn_outside_scope
 from .. import _runtime as ranks
@@ -281,40 +281,6 @@ class IVON(WeightSampling, IVONState, Optimizer):
                              "parameters are sharded (DTensor, FSDP2), whose backward already averages the gradient "
                              "over ranks: use sync=False")
 
-    def _loc(self, ts: list[Tensor]) -> list[Tensor]:
-        """The local shards of DTensors (FSDP2), the tensors themselves otherwise."""
-        return dt.locals_(ts) if self._sharded else ts
-
-    def _agree(self, flag: bool, device: torch.device) -> bool:
-        """``flag`` and-ed over ranks when the parameters are sharded (each rank sees its shards)."""
-        if self._sharded and ranks.active():
-            return ranks.all_true(flag, device)
-        return flag
-
-    def _sdtype(self, p: Tensor) -> torch.dtype:
-        return state_dtype(p.dtype, self.state_dtype)
-
-    def _state(self, p: Tensor, group: dict) -> dict:
-        """Per-parameter state, created lazily (so ``add_param_group`` works, fix 7)."""
-        st = self.state[p]
-        if not st:
-            sd = self._sdtype(p)
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["momentum"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
-            st["hess"] = torch.full_like(p, group["hess_init"], dtype=sd, memory_format=torch.contiguous_format)
-            if self.parity:
-                # The reference adds torch.as_tensor(hess_init), i.e. h0 rounded to the default
-                # dtype (float32), even for float64 parameters; reproduced only under parity.
-                st["hess"].zero_().add_(torch.as_tensor(group["hess_init"]))
-            if p.dtype != sd:
-                st["mean"] = p.detach().to(sd, copy=True)
-            st["wd_checked"] = float(group["weight_decay"])
-        return st
-
-    @staticmethod
-    def _trainable(group: dict) -> list[Tensor]:
-        return [p for p in group["params"] if p.requires_grad]
-
     @property
     def current_step(self) -> int:
         """Number of completed steps (the reference's attribute; saved in the state dict)."""
@@ -335,7 +301,7 @@ class IVON(WeightSampling, IVONState, Optimizer):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:  # type: ignore[override]
         """One IVON step (eqs. 7-10) from the collected samples.
 
         With ``closure`` (computes the loss, calls ``backward``, returns the loss), the
@@ -429,6 +395,7 @@ class IVON(WeightSampling, IVONState, Optimizer):
             loss = self._run_closure(closure, ctx, watch, raw=noop_ok)
         if noop_ok:
             if is_placeholder(loss, watch, params, grads):
+                assert rng is not None
                 restore_rng(rng)
                 return None
             loss = closure_loss(loss, type(self).__name__)
@@ -574,8 +541,8 @@ class IVON(WeightSampling, IVONState, Optimizer):
         positional.  ``ess``/``weight_decay`` are the groups' values at call time."""
         names: dict[int, str] = {}
         if model is not None:
-            for n, p in model.named_parameters(remove_duplicate=False):
-                names.setdefault(id(p), n)
+            for n, q in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(q), n)
         entries = []
         for group in self.param_groups:
             for p in self._trainable(group):

@@ -272,6 +272,7 @@ class IVONPoCo(CorrectedLearner, IVON):
             self.correction.begin_step()
         try:
             loss = self._closure_sample(closure)
+            assert loss is not None  # only a placeholder closure (noop_ok) gives None
         except BaseException:
             self._reset_samples()
             self._pairs = 0
@@ -319,7 +320,8 @@ class IVONPoCo(CorrectedLearner, IVON):
 
     def _anchor_context(self, draw: list[tuple[int, list[Tensor], list[Tensor]]]):
         """θ_out = m_out + σ_out ⊙ z_out written in place (the same kernel as the current sample)."""
-        assert self.anchor.mean is not None
+        means = self.anchor.mean
+        assert means is not None
         offsets = self._offsets()
         r_out = self.anchor.extra["rsqrt"]
         ess_out = self.anchor.extra["ess"]
@@ -334,7 +336,7 @@ class IVONPoCo(CorrectedLearner, IVON):
             for gi, params, z in out_draw:
                 o = offsets[gi]
                 for i, (p, zi) in enumerate(zip(params, z)):
-                    m_out = dt.local(self.anchor.mean[o + i].to(p.device))
+                    m_out = dt.local(means[o + i].to(p.device))
                     r = dt.local(r_out[o + i].to(p.device))
                     loc = dt.local(p)
                     if "mean" in self.state[p]:  # fp32 master: build θ_out in fp32, then cast

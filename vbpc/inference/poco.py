@@ -228,6 +228,7 @@ class Anchor:
             raise ValueError("the Price Hessian needs a positive anchor spread (scale)")
         m_out = [self._buf(m) for m in (means if means is not None else params)]
 
+        spread: list[Any] = scales or []  # indexed only when there is noise (scales given)
         signs = (1.0, -1.0) if antithetic and scales is not None else (1.0,)
         draws = refresh_mc * len(signs)
 
@@ -242,7 +243,7 @@ class Anchor:
 
                 def write(z: Optional[list[Tensor]] = z) -> None:
                     for i, (p, m) in enumerate(zip(params, m_out)):
-                        p.copy_(m if z is None else torch.addcmul(m, z[i], torch.as_tensor(scales[i]).to(m)))
+                        p.copy_(m if z is None else torch.addcmul(m, z[i], torch.as_tensor(spread[i]).to(m)))
 
                 with perturbation(params, names, "Anchor.refresh", write):
                     with torch.enable_grad():
@@ -257,7 +258,7 @@ class Anchor:
                     g_c[i].add_(g, alpha=1.0 / draws)
                     if h_c is not None:
                         assert z is not None
-                        h_c[i].add_(g.mul(z[i]).div_(torch.as_tensor(scales[i]).to(g)), alpha=1.0 / draws)
+                        h_c[i].add_(g.mul(z[i]).div_(torch.as_tensor(spread[i]).to(g)), alpha=1.0 / draws)
             return g_c, h_c, draws
 
         g_bar, h_bar, passes, seen = self.accumulate(evaluate, data, names=names, model=model, batch_size=batch_size,

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._dtensor import any_dtensor, locals_
 from ..errors import SamplingError, StateDictMismatchError
+
+_P = TypeVar("_P", bound="GaussianPosterior")
 
 __all__ = ["GaussianPosterior", "Entry", "MeanEntry", "perturbation", "state_dtype", "cholesky", "check_mean_state",
            "check_same_layout", "BAYES_PRECISION_SUFFIX"]
@@ -150,7 +152,7 @@ class GaussianPosterior:
         if dup:
             raise ValueError(f"duplicate parameter name {dup[0]!r}")
 
-    def bind(self, model: nn.Module) -> "GaussianPosterior":
+    def bind(self: _P, model: nn.Module) -> _P:
         """Attach the module whose parameters receive samples (matched by name, or by identity
         for entries already bound to one of its parameters).  All-or-nothing on mismatch."""
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -293,7 +295,8 @@ class GaussianPosterior:
         family = state.get("family") if isinstance(state, Mapping) else None
         classes = {getattr(c, "family", None): c for c in GaussianPosterior.__subclasses__()}
         if family not in classes:
-            raise StateDictMismatchError(f"unknown posterior family {family!r}; expected one of {sorted(classes)}")
+            raise StateDictMismatchError(f"unknown posterior family {family!r}; expected one of "
+                                         f"{sorted(map(str, classes))}")
         return classes[family]._from_state(state, model)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -77,9 +77,10 @@ def merge_posteriors(base: DiagonalGaussian, posteriors: Sequence[DiagonalGaussi
             m = m0 + sum(p / p_mrg * d for p, d in zip(pts, dms))
         elif mode is MergeWeights.HESSIAN:
             hs = [(p - p0).clamp_min(0.0) for p in pts]
-            total = sum(hs)
+            total = cast(Tensor, sum(hs))
             safe = torch.where(total > 0, total, torch.ones_like(total))
-            m = m0 + torch.where(total > 0, sum(h / safe * d for h, d in zip(hs, dms)), torch.zeros_like(m0))
+            m = m0 + torch.where(total > 0, cast(Tensor, sum(h / safe * d for h, d in zip(hs, dms))),
+                                 torch.zeros_like(m0))
             p_mrg = p0 + total
         else:
             m = m0 + sum(dms) / T

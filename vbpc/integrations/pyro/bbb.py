@@ -157,7 +157,7 @@ class BayesByBackprop:
             self.model = PyroNetModel(net, {n: tuple(p.shape) for n, p in pairs}, likelihood=likelihood,
                                       ess=self.ess, noise_std=noise_std, prior_stds=prior_stds)
             self.guide = MeanFieldGuide({n: p for n, p in pairs}, float(init_scale))
-        self.optim = optim if optim is not None else pyro.optim.Adam({"lr": float(lr)})
+        self.optim = optim if optim is not None else pyro.optim.Adam({"lr": float(lr)})  # type: ignore[attr-defined]  # generated at import
         self.elbo = TraceMeanField_ELBO(num_particles=num_particles, max_plate_nesting=1)
         self.svi = SVI(self.model, self.guide, self.optim, loss=self.elbo)
         self.steps = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union, cast
 
 import pyro
 import pyro.distributions as dist
@@ -151,7 +151,7 @@ def _build_net(model: nn.Module, pairs: list[tuple[str, nn.Parameter]], prior_st
             else:
                 delattr(sub, leaf)
                 sub.register_buffer(leaf, value)
-    return net
+    return cast(PyroModule, net)
 
 
 # ----------------------------------------------------------------------------- Pyro model
