@@ -45,7 +45,7 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(any(p is q for _, q in head))
     opt = vbpc.IVON(head, lr=0.1, ess=len(task.train.texts), hess_init=1.0, beta2=0.99)
-    for epoch in range(1 if args.tiny else 3):
+    for epoch in range(3):
         for enc, y in batches(task.train.texts, task.train.labels):
             def closure():
                 opt.zero_grad()

@@ -113,9 +113,9 @@ def test_example_fashion_mnist_ivon(capsys):
     assert "test  bma" in capsys.readouterr().out
 
 
-def test_example_fmnist_cnn_ivon_poco():
-    r = _example("fmnist_cnn").main(["--tiny"])
-    assert r["accuracy"] > 0.4 and math.isfinite(r["nll"]) and r["refreshes"] > 0
+def test_example_ivon_poco_fmnist():
+    r = _example("ivon_poco_fmnist").main(["--tiny"])
+    assert r["accuracy"] > 0.5 and math.isfinite(r["nll"]) and r["refreshes"] > 0
 
 
 def test_example_shakespeare_gpt():
