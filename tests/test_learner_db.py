@@ -84,25 +84,7 @@ if "continual-ivon" in LEARNERS:
                       {"correction": True, "memory_weight": 50.0}))
 
 #: (test, case id) -> the reason of a known learner bug (the test is an xfail(strict=True) there)
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("param_groups", "von"):
-        "VON accepts several param groups but silently uses group 0's lr/ess/weight_decay for every "
-        "parameter (VONPoCo._group = param_groups[0]); it should refuse more than one group",
-    ("param_groups", "von-poco"):
-        "VONPoCo accepts several param groups but silently uses group 0's lr/ess/weight_decay for every "
-        "parameter (VONPoCo._group = param_groups[0]); it should refuse more than one group",
-    ("state_dict", "von-poco"):
-        "VONPoCo.load_state_dict restores the anchor by hand and drops the saved anchor 'examples' "
-        "(Anchor.load_state_dict restores it): a loaded learner's state_dict differs from the saved one",
-}
-for _name, _cls in (("vsgd", "VSGD"), ("vsgd-poco", "VSGDPoCo"), ("svrg", "SVRG"), ("alpha-svrg", "AlphaSVRG")):
-    KNOWN_BUGS["bf16", _name] = (
-        f"{_cls} accepts bf16 parameters (the registry: supports_bf16=False) and keeps its mean only in the bf16 "
-        "parameters, with no fp32 master (updates below bf16 resolution are lost), instead of refusing them")
-for _name, _cls in (("von", "VON"), ("von-poco", "VONPoCo")):
-    KNOWN_BUGS["bf16", _name] = (
-        f"{_cls} accepts bf16 parameters (the registry: supports_bf16=False): P and the anchor are float64 but the "
-        "mean lives only in the bf16 parameters (rounded to bf16 every step), instead of refusing them")
+KNOWN_BUGS: dict[tuple[str, str], str] = {}  # none open: VON's groups, VON's anchor count and bf16 refusals fixed
 
 
 def cases(test: str, select: Optional[Callable[[Case], bool]] = None) -> list:
@@ -544,9 +526,6 @@ def test_batchnorm_the_current_pass_updates_not_the_anchor_pass(case):
     assert (model[1].running_mean - cur).norm() < 0.25 * (model[1].running_mean - out).norm()
 
 
-@pytest.mark.xfail(strict=True, reason="registry: the continual-ivon builder's default prior (IVON(params).posterior() "
-                   "without model) has positional names, and ContinualIVON(model=...) matches its prior by name: "
-                   "StateDictMismatchError; the builder should call posterior(model) when given model=")
 def test_registry_continual_default_prior_with_model():
     model = _model()
     opt = LEARNERS["continual-ivon"].build(model.parameters(), model=model, **LEARNERS["continual-ivon"].small_options)

@@ -44,7 +44,7 @@ from .._runtime import capture_rng, restore_rng
 from ..errors import SamplingError
 from .poco import ALPHA_SCHEDULES, ANCHOR_NOISE, Anchor, alpha_at
 
-__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "ALPHA_SCHEDULES", "ANCHOR_NOISE",
+__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "refuse_low_precision", "ALPHA_SCHEDULES", "ANCHOR_NOISE",
            "ALPHA_MODES", "ANCHOR_UPDATES"]
 
 #: ``"scheduled"``: one α_t for every tensor (eq. 22); ``"optimal"``: a per-tensor control-variate α
@@ -293,6 +293,16 @@ class Correction:
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Validate a saved anchor against the parameters before anything changes."""
         Anchor(self.anchor.params).load_state_dict(state["anchor"])
+
+
+def refuse_low_precision(learner: str, params: Iterable[Tensor]) -> None:
+    """Learners that keep the mean in the parameters themselves (no fp32 master copy) refuse bf16/fp16
+    parameters: updates below their resolution would be lost silently."""
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            raise TypeError(f"{learner} keeps its mean in the parameters (no fp32 master copy), so {p.dtype} "
+                            "(bf16/fp16) parameters would silently lose updates below their resolution: use float32 "
+                            "parameters (autocast for mixed precision), or vbpc.IVON, which keeps fp32 masters")
 
 
 class CorrectedLearner:

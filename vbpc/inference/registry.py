@@ -110,7 +110,7 @@ def _continual(params: Iterable[Any], prior: Optional[Any] = None, **kw: Any) ->
     params = list(params)
     if prior is None:
         ivon_kw = {k: kw[k] for k in ("lr", "ess", "hess_init", "weight_decay") if k in kw}
-        prior = vb.IVON(params, **ivon_kw).posterior()
+        prior = vb.IVON(params, **ivon_kw).posterior(kw.get("model"))  # named like the model, when given
         prior = vb.DiagonalGaussian.from_state_dict(prior.state_dict())  # a frozen copy
     return vb.ContinualIVON(params, prior=prior, **kw)
 

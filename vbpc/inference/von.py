@@ -38,7 +38,7 @@ from ..nn.norm import RunningStatsGuard
 from ..posterior.base import MeanEntry, cholesky, perturbation
 from ..posterior.full import FullGaussian
 from .. import _runtime as ranks
-from .correction import CorrectedLearner, PoCo
+from .correction import CorrectedLearner, PoCo, refuse_low_precision
 
 __all__ = ["VONPoCo", "VON"]
 
@@ -104,6 +104,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         options.check_supported(type(self).__name__, _UNSUPPORTED)
         super().__init__(params, dict(lr=lr, ess=ess, weight_decay=weight_decay))
         plist = self._params()
+        refuse_low_precision(type(self).__name__, plist)
         d = sum(p.numel() for p in plist)
         if d > max_dim:
             raise ValueError(f"VON keeps a dense {d}×{d} precision ({8 * d * d / 2**20:.0f} MiB in float64), more "
@@ -116,6 +117,13 @@ class VONPoCo(CorrectedLearner, Optimizer):
         self._init_correction(options, plist)
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
         self.sync = bool(sync)  # average G, H (in and anchor) and the refresh over torch.distributed ranks
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """One group only: the flat d-dimensional Gaussian has one (η, λ, δ)."""
+        if self.param_groups:
+            raise ValueError(f"{type(self).__name__} takes one param group (one flat Gaussian over every parameter, "
+                             "with one lr/ess/weight_decay); got a second: pass the parameters as one group")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -319,6 +327,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         self.anchor.hess = None if saved.get("hess") is None else [t.clone() for t in saved["hess"]]
         self.anchor.extra = dict(saved.get("extra", {}))
         self.anchor.refreshes, self.anchor.step = int(saved["refreshes"]), int(saved["step"])
+        self.anchor.examples, self.anchor.sigma = int(saved.get("examples", 0)), float(saved.get("sigma", 0.0))
         self.anchor.generator.set_state(saved["generator"])
 
 

@@ -19,7 +19,7 @@ from ..functional import check_clip_grad_norm, clip_coef
 from ..nn.norm import RunningStatsGuard
 from ..posterior import perturbation
 from .closures import closure_loss, require_grads
-from .correction import CorrectedLearner, PoCo
+from .correction import CorrectedLearner, PoCo, refuse_low_precision
 
 __all__ = ["VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG"]
 
@@ -85,6 +85,7 @@ class VSGDPoCo(CorrectedLearner, Optimizer):
                 raise ValueError(f"invalid {name}={value!r}")
         options.check_supported(type(self).__name__, _UNSUPPORTED)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        refuse_low_precision(type(self).__name__, self._params())
         self.sigma = float(sigma)
         self._init_correction(options, self._params())
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
