@@ -44,8 +44,8 @@ from .._runtime import capture_rng, restore_rng
 from ..errors import SamplingError
 from .poco import ALPHA_SCHEDULES, ANCHOR_NOISE, Anchor, alpha_at
 
-__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "refuse_low_precision", "ALPHA_SCHEDULES", "ANCHOR_NOISE",
-           "ALPHA_MODES", "ANCHOR_UPDATES"]
+__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "refuse_low_precision", "ALPHA_SCHEDULES",
+           "ANCHOR_NOISE", "ALPHA_MODES", "ANCHOR_UPDATES"]
 
 #: ``"scheduled"``: one α_t for every tensor (eq. 22); ``"optimal"``: a per-tensor control-variate α
 ALPHA_MODES = ("scheduled", "optimal")
