@@ -149,6 +149,15 @@ class PoCo:
                             "put them in the PoCo")
         return correction, rest
 
+    @classmethod
+    def take(cls, learner: str, kwargs: dict[str, Any], correction: Optional[PoCo] = None) -> PoCo:
+        """:meth:`split` for a learner whose only keyword arguments left are correction options: the
+        others are refused, naming them."""
+        options, unknown = cls.split(kwargs, correction)
+        if unknown:
+            raise TypeError(f"{learner}() got unexpected keyword arguments {sorted(unknown)}")
+        return options
+
     def check_supported(self, learner: str, unsupported: Iterable[str]) -> None:
         """Refuse options this learner would ignore (a non-default value of an option it does not implement)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

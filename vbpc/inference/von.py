@@ -84,9 +84,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         correction: Optional[PoCo] = None,
         **correction_kw: Any,
     ):
-        options, unknown = PoCo.split(correction_kw, correction)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {sorted(unknown)}")
+        options = PoCo.take(type(self).__name__, correction_kw, correction)
         if options.proximal is None:  # VON's default: the proximal term of (26) on
             options = dataclasses.replace(options, proximal=True)
         checks = [

@@ -72,9 +72,7 @@ class VSGDPoCo(CorrectedLearner, Optimizer):
         clip_grad_norm: Optional[float] = None,
         **correction_kw: Any,
     ):
-        options, unknown = PoCo.split(correction_kw, correction)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {sorted(unknown)}")
+        options = PoCo.take(type(self).__name__, correction_kw, correction)
         checks = [
             ("lr", lr, lr >= 0 and math.isfinite(lr)), ("sigma", sigma, sigma >= 0 and math.isfinite(sigma)),
             ("weight_decay", weight_decay, weight_decay >= 0 and math.isfinite(weight_decay)),
