@@ -112,6 +112,7 @@ def test_loader_iteration_leaves_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.slow
 def test_cli_train_quick_config_then_evaluate(tmp_path, capsys):
     """The README's main job on a tiny budget: vbpc train <example config> then vbpc evaluate."""
     from pathlib import Path
@@ -140,6 +141,7 @@ def test_bbb_learner_runs_and_refuses_resume(tmp_path):
         train(cfg, resume=True)
 
 
+@pytest.mark.slow
 def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
     import subprocess
     import sys
@@ -193,3 +195,35 @@ def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
     assert replaced["step"] == 2 and (out / "metrics.jsonl").read_text().count("\n") == 1
     with pytest.raises(ValueError, match="pass one of them"):
         train(cfg, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("name", __import__("vbpc.inference.registry", fromlist=["LEARNERS"]).learner_names())
+def test_every_registered_learner_builds_and_steps_from_a_config(tmp_path, name):
+    """``learner.name`` takes every name of the learner registry; the workflow's context (ess, the
+    anchor period, the model, ...) reaches only the learners that take it, and one step runs."""
+    import math
+
+    import torch.nn.functional as F
+
+    from vbpc.inference.registry import get_learner
+    from vbpc.models import build_model
+    from vbpc.workflows.train import build_learner
+
+    kw = {"vsgd": "{sigma: 0.01}", "vsgd-poco": "{sigma: 0.01}"}.get(name, "{}")
+    cfg = config(tmp_path, "run", name, ["model.kwargs={hidden: [3]}", f"learner.kwargs={kw}", "learner.lr=0.05"])
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    opt = build_learner(cfg, model, n_train=600, steps_per_epoch=6)
+    info = get_learner(name)
+    assert type(opt).__name__ == info.cls_name.rsplit(".", 1)[-1] or name == "ivon-pocomo"
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    if info.anchored:
+        opt.refresh(lambda b: F.cross_entropy(model(b[0]), b[1]), [(x, y)], progress=False)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if info.closure_backward:
+            loss.backward()
+        return loss
+
+    assert math.isfinite(float(torch.as_tensor(opt.step(closure)).detach()))
