@@ -186,7 +186,7 @@ def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
     again = train(config(tmp_path, "run", "ivon"), resume=True)  # a finished run: a no-op that says so
     assert again == {**done, "already_finished": True}
     assert {f: (out / f).read_bytes() for f in files} == before
-    defaults = tmp_path / "defaults.yaml"  # the TrainConfig defaults (no CONFIG runs the packaged fmnist_ivon.yaml)
+    defaults = tmp_path / "defaults.yaml"  # TrainConfig's defaults (no CONFIG runs the packaged fmnist_ivon.yaml)
     defaults.write_text("{}\n")
     assert cli(["train", str(defaults), "--set", f"run.out={out}", *sum((["--set", x] for x in config_args("ivon")), []),
                 "--resume"]) == 0

@@ -39,7 +39,8 @@ CONFIG_COMMANDS = {
                    "finetune one posterior per task from a common base, merge them (eq. 31), score every task",
                    "examples/configs/merge_permuted.yaml"),
     "finetune": ("vbpc.workflows.finetune:FinetuneConfig", "vbpc.workflows.finetune:run_finetune",
-                 "IVON finetuning of the pretrained MiniLM on the corpus task", "examples/configs/finetune_minilm.yaml"),
+                 "IVON finetuning of the pretrained MiniLM on the corpus task",
+                 "examples/configs/finetune_minilm.yaml"),
     "cnn": ("vbpc.workflows.cnn:CnnConfig", "vbpc.workflows.cnn:run_cnn",
             "a CNN on Fashion-MNIST: IVON vs AdamW vs Pyro Bayes-by-backprop", "defaults if omitted"),
     "gpt": ("vbpc.workflows.gpt:GptConfig", "vbpc.workflows.gpt:run_gpt",
@@ -165,7 +166,7 @@ def _run_config(args: argparse.Namespace) -> int:
     elif args.command in ("continual", "merge-eval"):
         result = runner(cfg, overwrite=args.overwrite)
         print(result["table"], end="")
-        files = "metrics.jsonl, results.md/json, the plot" + (" and the posteriors" if args.command == "continual" else "")
+        files = "metrics.jsonl, results.md/json, the plot" + (" and the posteriors" * (args.command == "continual"))
         print(f"wrote {files} to {result['out']} ({result['seconds']:.0f} s)")
     else:
         runner(cfg)

@@ -44,8 +44,8 @@ from ..metrics import ece as ece_metric
 from ..models import build_model
 from ..reporting import JsonlLog, markdown_table, mean_std, pm, save_figure, subplots, write_json
 
-__all__ = ["METHODS", "SCENARIOS", "Task", "evaluate_tasks", "forgetting", "frozen_posterior", "make_tasks", "preflight",
-           "prepare_out", "run_continual", "task_loss"]
+__all__ = ["METHODS", "SCENARIOS", "Task", "evaluate_tasks", "forgetting", "frozen_posterior", "make_tasks",
+           "preflight", "prepare_out", "run_continual", "task_loss"]
 
 METHODS = ("naive", "vcl", "poco", "adamw")
 SCENARIOS = ("split", "permuted")
