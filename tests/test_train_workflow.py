@@ -188,8 +188,8 @@ def test_run_directory_is_locked_and_never_silently_replaced(tmp_path, capsys):
     assert {f: (out / f).read_bytes() for f in files} == before
     defaults = tmp_path / "defaults.yaml"  # TrainConfig's defaults (no CONFIG runs the packaged fmnist_ivon.yaml)
     defaults.write_text("{}\n")
-    assert cli(["train", str(defaults), "--set", f"run.out={out}", *sum((["--set", x] for x in config_args("ivon")), []),
-                "--resume"]) == 0
+    sets = sum((["--set", x] for x in config_args("ivon")), [])
+    assert cli(["train", str(defaults), "--set", f"run.out={out}", *sets, "--resume"]) == 0
     assert "already finished (step 12)" in capsys.readouterr().err
     replaced = train(config(tmp_path, "run", "ivon", ["run.max_steps=2"]), overwrite=True)
     assert replaced["step"] == 2 and (out / "metrics.jsonl").read_text().count("\n") == 1
