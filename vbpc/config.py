@@ -101,58 +101,68 @@ def safe_load_yaml(text: Any) -> Any:
         raise ConfigError(f"invalid YAML: {' '.join(str(exc).split())}") from None
 
 
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            check: Optional[Any] = None, help: str = "") -> Any:  # noqa: A002
+    """A config field with its range ``check`` (``check(value, key) -> value``) and ``help`` text
+    (shown by :func:`config_help`), e.g. ``batch_size: int = setting(32, check=positive)``."""
+    meta = {"check": check, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  #: a vbpc.models.build_model name
+    name: str = setting("mlp", help="a vbpc.models.build_model name")
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  #: a vbpc.data.load_dataset name (train split for training)
+    name: str = setting("fashion_mnist", help="a vbpc.data.load_dataset name (train split for training)")
     batch_size: int = 128
-    train_size: Optional[int] = None  #: first N training examples (None: all)
+    train_size: Optional[int] = setting(None, help="first N training examples (None: all)")
     test_batch_size: int = 1000
     root: Optional[str] = None
 
 
 @dataclass
 class LearnerConfig:
-    name: str = "ivon"  #: adamw, sgd, ivon, ivon-poco, ivon-pocomo, svrg, alpha-svrg, bbb
+    name: str = setting("ivon", help="a vbpc.inference.registry learner (ivon, ivon-poco, adamw, ...) or bbb")
     lr: float = 0.1
     weight_decay: float = 1e-4
-    kwargs: dict[str, Any] = field(default_factory=dict)  #: further constructor arguments
+    kwargs: dict[str, Any] = setting(default_factory=dict, help="further constructor arguments")
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = 2
-    scheduler: str = "cosine"  #: cosine or constant
+    scheduler: str = setting("cosine", help="cosine or constant")
     warmup_steps: int = 0
 
 
 @dataclass
 class AnchorConfig:
-    period: Optional[int] = None  #: steps between refreshes (None: one epoch)
-    megabatch_size: Optional[int] = None  #: examples per refresh (None: the whole training set)
+    period: Optional[int] = setting(None, help="steps between refreshes (None: one epoch)")
+    megabatch_size: Optional[int] = setting(None, help="examples per refresh (None: the whole training set)")
     alpha: float = 1.0
 
 
 @dataclass
 class EvalConfig:
-    test_samples: int = 16  #: posterior samples for the BMA of the final evaluation
+    test_samples: int = setting(16, help="posterior samples for the BMA of the final evaluation")
     ood: Optional[str] = None
-    every_epoch: bool = True  #: log test accuracy/NLL at the mean weights after every epoch
+    every_epoch: bool = setting(True, help="log test accuracy/NLL at the mean weights after every epoch")
 
 
 @dataclass
 class RunConfig:
     seed: int = 0
     out: str = "runs/vbpc"
-    checkpoint_every: int = 200  #: steps between checkpoints (and at every epoch end)
+    checkpoint_every: int = setting(200, help="steps between checkpoints (and at every epoch end)")
     log_every: int = 20
     progress: bool = True
-    max_steps: Optional[int] = None  #: stop early (e.g. to test resuming)
+    max_steps: Optional[int] = setting(None, help="stop early (e.g. to test resuming)")
 
 
 @dataclass
@@ -176,18 +186,20 @@ def _fmnist_ivon() -> LearnerConfig:
 
 @dataclass
 class TasksConfig:
-    scenario: str = "split"  #: split (two-class tasks, the head masked to the task's classes) or permuted
+    scenario: str = setting("split", help="split (two-class tasks, the head masked to the task's classes) or permuted")
     n_tasks: int = 5
-    train_size: Optional[int] = None  #: first N training examples of each task (None: all)
-    test_size: Optional[int] = None  #: first N test examples of each task (None: all)
+    train_size: Optional[int] = setting(None, help="first N training examples of each task (None: all)")
+    test_size: Optional[int] = setting(None, help="first N test examples of each task (None: all)")
     batch_size: int = 128
-    epochs: int = 1  #: epochs per task
-    memory_per_task: int = 200  #: replay-memory examples kept from each old task (method poco)
+    epochs: int = setting(1, help="epochs per task")
+    memory_per_task: int = setting(200, help="replay-memory examples kept from each old task (method poco)")
     memory_batch_size: int = 128
-    memory_weight: Optional[float] = None  #: N_old of eq. (29) (None: the old tasks' sizes, unbiased)
-    ess: str = "task"  #: λ of task t: "task" (N_new; the memory weighs N_old/N_new) or "all" (every example seen)
-    memory_curvature_mc: int = 4  #: antithetic draws for the memory's Hessian under q_old (set_memory_curvature)
-    root: Optional[str] = None  #: Fashion-MNIST directory (None: the Debian package)
+    memory_weight: Optional[float] = setting(None, help="N_old of eq. (29) (None: the old tasks' sizes, unbiased)")
+    ess: str = setting("task", help="λ of task t: 'task' (N_new; the memory weighs N_old/N_new) or 'all' "
+                       "(every example seen)")
+    memory_curvature_mc: int = setting(4, help="antithetic draws for the memory's Hessian under q_old "
+                                       "(set_memory_curvature)")
+    root: Optional[str] = setting(None, help="Fashion-MNIST directory (None: the Debian package)")
 
 
 @dataclass
@@ -197,10 +209,10 @@ class ContinualConfig:
     model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     learner: LearnerConfig = field(default_factory=_fmnist_ivon)
-    methods: list[str] = field(default_factory=lambda: ["naive", "vcl", "poco"])  #: naive, vcl, poco, adamw
-    adamw_lr: float = 1e-3  #: learning rate of the adamw (naive finetuning) baseline
+    methods: list[str] = setting(default_factory=lambda: ["naive", "vcl", "poco"], help="naive, vcl, poco, adamw")
+    adamw_lr: float = setting(1e-3, help="learning rate of the adamw (naive finetuning) baseline")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    test_samples: int = 8  #: posterior samples of the BMA evaluation (0: mean weights)
+    test_samples: int = setting(8, help="posterior samples of the BMA evaluation (0: mean weights)")
     out: str = "runs/continual"
     progress: bool = True
 
@@ -328,16 +340,6 @@ def train_learners() -> tuple[str, ...]:
     from .inference.registry import learner_names
 
     return (*learner_names(), "bbb")
-
-
-def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-            check: Optional[Check] = None, help: str = "") -> Any:  # noqa: A002
-    """A config field with its range ``check`` (``check(value, key) -> value``) and ``help`` text
-    (shown by :func:`config_help`), e.g. ``batch_size: int = setting(32, check=positive)``."""
-    meta = {"check": check, "help": help}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _checks() -> dict[Any, dict[str, Check]]:
@@ -509,7 +511,7 @@ class MergeConfig:
     model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     learner: LearnerConfig = field(default_factory=_fmnist_ivon)
-    base_size: int = 10000  #: examples of the base (all classes, the first task's pixels) posterior
+    base_size: int = setting(10000, help="examples of the base (all classes, the first task's pixels) posterior")
     base_epochs: int = 1
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "runs/merge"
