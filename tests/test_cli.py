@@ -81,3 +81,14 @@ def test_unknown_command_errors(capsys):
         main(["no-such-command"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(reason="`import vbpc` (vbpc/__init__.py) imports torch eagerly; `vbpc --help` answers in ~0.1 s "
+                          "once the package loads its learners on first use (PEP 562)", strict=False)
+def test_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vbpc.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
