@@ -1,11 +1,18 @@
 import os
 
-import pytest
-import torch
-
+# Pin the math libraries' thread pools before torch is imported, here and (through the environment)
+# in every process a test starts (spawned ranks, CLI subprocesses): on a shared or busy machine more
+# threads than free cores make each test much slower.  VBPC_TEST_THREADS overrides the count.
+_THREADS = os.environ.get("VBPC_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = _THREADS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(_THREADS))
 
 
 @pytest.fixture(autouse=True)

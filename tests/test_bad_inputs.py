@@ -574,6 +574,7 @@ def test_37_evaluate_refuses_split_task_checkpoints_and_a_missing_gpu(tmp_path, 
 
 
 # ---------------------------------------------------------------------------- models from specs
+@pytest.mark.slow
 def test_38_torchvision_models_build_locally_and_never_download(tmp_path):
     from vbpc.models import build_model
 
@@ -721,6 +722,7 @@ def _with_func(parser, command, func):
     return parser
 
 
+@pytest.mark.slow
 def test_45_continual_and_merge_validate_everything_before_touching_files(tmp_path, capsys):
     from vbpc.cli import main
 

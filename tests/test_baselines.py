@@ -39,6 +39,7 @@ def test_ece_cross_check_agrees_with_torchmetrics_and_fails_on_disagreement():
         baselines.ece_cross_check(p, y, ece_fn=lambda a, b: ece(a, b) + 1e-4)
 
 
+@pytest.mark.slow
 def test_last_layer_laplace_on_a_trained_network():
     pytest.importorskip("laplace")
     x, y = load_fashion_mnist("train").tensors

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
 def test_convex_quick_writes_results(tmp_path):
     import convex
@@ -30,6 +31,7 @@ def test_convex_quick_writes_results(tmp_path):
     assert (tmp_path / "convex_multiclass.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_step_overhead_writes_results(tmp_path):
     import step_overhead
 
@@ -41,6 +43,7 @@ def test_step_overhead_writes_results(tmp_path):
     assert r["state_bytes_per_param"]["ivon"] == 8.0  # momentum + h in fp32 (the mean is the parameter)
 
 
+@pytest.mark.slow
 def test_bma_speed_writes_results(tmp_path):
     import bma_speed
 
@@ -63,6 +66,7 @@ def test_gpu_check_exits_cleanly_without_cuda(capsys):
     assert "no CUDA device" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compile_speed_writes_results(tmp_path):
     import compile_speed
 
@@ -72,6 +76,7 @@ def test_compile_speed_writes_results(tmp_path):
     assert rows[0]["model"] == "mlp" and rows[0]["ratio_median"] > 0 and "| mlp |" in res["table"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
 def test_calibration_quick_writes_results(tmp_path):
     import calibration
@@ -143,6 +148,7 @@ def test_suite_entry_point(tmp_path, capsys, monkeypatch):
     assert suite.main(["run", "gpu", "--quick"]) in (0, 1)
 
 
+@pytest.mark.slow
 def test_speed_quick_combines_and_checks_targets(tmp_path):
     import speed
 
@@ -164,6 +170,7 @@ def test_speed_targets_say_by_how_much():
     assert "ivon-opt ≤ 0.7×" not in text  # no reference installed: no line rather than a made-up one
 
 
+@pytest.mark.slow
 def test_lm_quick_writes_results(tmp_path):
     import lm
 
@@ -259,6 +266,7 @@ def test_lm_interp_and_matched_steps():
     assert lm.pocomo_cost(args, 360) == 16 * 360 + 16 * 310 + 2 * 512 * 4
 
 
+@pytest.mark.slow
 def test_ablation_quick_writes_results(tmp_path):
     import ablation
 

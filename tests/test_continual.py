@@ -231,6 +231,7 @@ def test_bad_input_and_state_dict_round_trip(tmp_path):
         nocorr.load_state_dict(sd)
 
 
+@pytest.mark.slow
 def test_correction_with_all_old_data_tracks_joint_training_better_than_the_prior_alone():
     """Two logistic-regression tasks: with the whole of task 1 as memory, (c) lands nearer to the
     joint IVON solution than (b) (the prior alone drops the non-quadratic part of task 1)."""

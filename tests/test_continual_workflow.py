@@ -39,6 +39,7 @@ def test_split_tasks_are_the_class_pairs_of_real_fashion_mnist():
         make_tasks("split", 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["continual_split", "continual_permuted"])
 def test_quick_config_runs_end_to_end(tmp_path, capsys, config):
     n = 3 if config == "continual_split" else 2

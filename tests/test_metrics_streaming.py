@@ -139,6 +139,7 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_is_noop_without_distributed_and_merges_across_ranks(tmp_path):
     probs, y, stack = _data(400, seed=5)
     single = M.ClassificationMetrics().update(probs, y, stack)

@@ -80,6 +80,7 @@ def _max_z(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- BBB on real data
+@pytest.mark.slow
 def test_bbb_fashion_mnist_accuracy(fmnist):
     """BBB (Pyro SVI, TraceMeanField_ELBO) trains vbpc's MLP to >= 80% test accuracy in one epoch.
 
@@ -233,6 +234,7 @@ def ivon_posterior(fmnist):
     return model, opt.posterior(model), test.tensors[0][:64]
 
 
+@pytest.mark.slow
 def test_predictive_matches_vbpc_diagonal(ivon_posterior):
     """Pyro's Predictive with the exported guide samples vbpc's own BMA (same distribution)."""
     model, post, x = ivon_posterior
@@ -265,6 +267,7 @@ def test_predictive_delta_limit_is_the_mean_predictor(ivon_posterior):
     assert (pi - mean_probs).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_predictive_matches_vbpc_isotropic_and_full(ivon_posterior):
     model, _, x = ivon_posterior
     x = x[:16]
