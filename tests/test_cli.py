@@ -46,6 +46,7 @@ def test_config_command_help_lists_the_config_keys(capsys):
         assert key in out
 
 
+@pytest.mark.slow
 def test_help_imports_no_workflow():
     """``vbpc --help`` imports only the parser: no workflow module, no matplotlib."""
     import subprocess
@@ -83,8 +84,7 @@ def test_unknown_command_errors(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="`import vbpc` (vbpc/__init__.py) imports torch eagerly; `vbpc --help` answers in ~0.1 s "
-                          "once the package loads its learners on first use (PEP 562)", strict=False)
+@pytest.mark.slow
 def test_help_imports_no_torch():
     import subprocess
     import sys

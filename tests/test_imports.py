@@ -77,3 +77,10 @@ def test_every_module_is_imported_by_something():
         if not any(pattern.search(src) for other, src in sources.items() if other != path):
             dead.append(str(path.relative_to(root)))
     assert dead == []
+
+
+def test_import_vbpc_imports_no_torch_until_a_name_is_used():
+    """``import vbpc`` is instant: every public name loads on first use (PEP 562)."""
+    code = ("import sys, vbpc\nassert 'torch' not in sys.modules\nfrom vbpc import IVON, PoCo\n"
+            "assert 'torch' in sys.modules and IVON.__name__ == 'IVON' and sorted(dir(vbpc)) == dir(vbpc)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
