@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import vbpc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner", ["ivon", "ivon-poco"])
 def test_compiled_model_matches_eager(learner):
     torch.manual_seed(0)

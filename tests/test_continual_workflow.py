@@ -24,6 +24,7 @@ def test_forgetting_is_the_mean_drop_from_the_best_earlier_accuracy():
     assert forgetting(acc[:1]) == 0.0
 
 
+@pytest.mark.slow
 def test_split_tasks_are_the_class_pairs_of_real_fashion_mnist():
     tasks = make_tasks("split", 5, test_size=100)
     assert [t.name for t in tasks] == ["0/1", "2/3", "4/5", "6/7", "8/9"]

@@ -307,6 +307,7 @@ def test_corpus_task_default():
     assert all(t in " ".join(load_corpus("britannica").split()) for t in task.ood[:20])
 
 
+@pytest.mark.slow
 def test_corpus_task_options_and_determinism():
     kw = dict(classes=("shakespeare", "bible"), ood="milton", max_per_class=1000, splits=(0.6, 0.2, 0.2))
     a, b = load_corpus_task(**kw, seed=3), load_corpus_task(**kw, seed=3)

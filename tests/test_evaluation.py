@@ -66,6 +66,7 @@ def test_report_matches_functional_metrics(trained, tmp_path):
         write_report([rep, rep], tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_checkpoint(trained, tmp_path, capsys):
     model, post, _, _ = trained
     path = tmp_path / "mlp.safetensors"

@@ -11,6 +11,8 @@ from vbpc.models import char_gpt2
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # MiniLM and GPT-2 trained through transformers.Trainer
+
 
 class Blocks(torch.utils.data.Dataset):
     def __init__(self, ids: torch.Tensor, block: int):

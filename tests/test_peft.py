@@ -50,6 +50,7 @@ def test_a_scope_that_drops_the_head_warns(lora_model):
                   model=lora_model)
 
 
+@pytest.mark.slow
 def test_ivon_lora_trains_the_head_in_vbtrainer(lora_model, tmp_path):
     from vbpc.data import load_corpus_task
     from vbpc.integrations.hf import VBTrainer

@@ -37,6 +37,7 @@ def same(a, b):
     return a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner,extra", [("ivon", ["learner.lr=0.3"]),
                                            ("ivon-poco", ["learner.lr=0.1", "anchor.period=5"])])
 def test_kill_and_resume_is_bitwise(tmp_path, learner, extra):
