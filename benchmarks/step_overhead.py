@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import vbpc
+from vbpc.inference.registry import get_learner
 from vbpc.io import atomic_write_text
 
 try:
@@ -146,17 +147,18 @@ def state_bytes_per_param(model: nn.Module, batch, loss_fn) -> dict[str, float]:
 
     out = {}
     n = sum(p.numel() for p in model.parameters())
-    makers = {
-        "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9),
-        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-4),
-        "ivon": lambda ps: vbpc.IVON(ps, lr=1e-4, ess=1e6),
-        "ivon-poco (beta1=0)": lambda ps: vbpc.IVONPoCo(ps, lr=1e-4, ess=1e6, anchor_period=10**9),
-        "ivon-pocomo": lambda ps: vbpc.IVONPoCoMo(ps, lr=1e-4, ess=1e6, anchor_period=10**9),
-        "svrg": lambda ps: vbpc.SVRG(ps, lr=1e-4, anchor_period=10**9),
+    far = 10**9  # no refresh after the first: the state of a corrected learner mid-period
+    makers = {  # label -> (registry name, options)
+        "sgd-momentum": ("sgd", dict(lr=1e-4, momentum=0.9)),
+        "adamw": ("adamw", dict(lr=1e-4)),
+        "ivon": ("ivon", dict(lr=1e-4, ess=1e6)),
+        "ivon-poco (beta1=0)": ("ivon-poco", dict(lr=1e-4, ess=1e6, anchor_period=far)),
+        "ivon-pocomo": ("ivon-pocomo", dict(lr=1e-4, ess=1e6, anchor_period=far)),
+        "svrg": ("svrg", dict(lr=1e-4, anchor_period=far)),
     }
-    for name, make in makers.items():
+    for name, (learner, options) in makers.items():
         m = copy.deepcopy(model)
-        opt = make(list(m.parameters()))
+        opt = get_learner(learner).build(list(m.parameters()), **options)
         if hasattr(opt, "refresh"):
             opt.refresh(lambda b: loss_fn(m, b), [batch], progress=False)
 
