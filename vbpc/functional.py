@@ -57,7 +57,7 @@ def default_foreach(tensors: list[Tensor]) -> bool:
 def _shift(src: list[Tensor], scalar: float, out: Scratch, foreach: bool) -> list[Tensor]:
     """``out = src + scalar`` (one add per element; ``out`` reused when given)."""
     if out is None:
-        return torch._foreach_add(src, scalar) if foreach else [s.add(scalar) for s in src]
+        return list(torch._foreach_add(src, scalar)) if foreach else [s.add(scalar) for s in src]
     if foreach:
         torch._foreach_copy_(out, src)
         torch._foreach_add_(out, scalar)
@@ -252,16 +252,16 @@ def ivon_update_(
     else:
         for i, (m, g, h, gh, hh) in enumerate(zip(means, momenta, hess, g_hat, h_hat)):
             g.mul_(beta1).add_(gh.mul_(one_m_b1))
-            hw = h.add(weight_decay) if s1 is None else torch.add(h, weight_decay, out=s1[i])
-            diff = h.sub(hh) if s2 is None else torch.sub(h, hh, out=s2[i])
-            diff.mul_(diff).mul_(c).div_(hw)
-            h.mul_(beta2).add_(hh.mul_(one_m_b2)).add_(diff)
-            torch.add(h, weight_decay, out=hw)
-            num = torch.div(g, bias_correction, out=gh) if bias_correction != 1.0 else gh.copy_(g)
-            num.add_(torch.mul(m, weight_decay, out=diff)).div_(hw)
+            hw_i = h.add(weight_decay) if s1 is None else torch.add(h, weight_decay, out=s1[i])
+            diff_i = h.sub(hh) if s2 is None else torch.sub(h, hh, out=s2[i])
+            diff_i.mul_(diff_i).mul_(c).div_(hw_i)
+            h.mul_(beta2).add_(hh.mul_(one_m_b2)).add_(diff_i)
+            torch.add(h, weight_decay, out=hw_i)
+            num_i = torch.div(g, bias_correction, out=gh) if bias_correction != 1.0 else gh.copy_(g)
+            num_i.add_(torch.mul(m, weight_decay, out=diff_i)).div_(hw_i)
             if clip:
-                num.clamp_(-clip_radius, clip_radius)
-            m.sub_(num.mul_(eta))
+                num_i.clamp_(-clip_radius, clip_radius)
+            m.sub_(num_i.mul_(eta))
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -388,14 +388,14 @@ def ivon_update_fast_(
         h.add_(u, alpha=one_m_b2 * root)
         h.addcdiv_(u.mul_(u), w, value=c)
         torch.add(h, weight_decay, out=w)
-        num = torch.add(g, m, alpha=a, out=u)
+        num_i = torch.add(g, m, alpha=a, out=u)
         if e is not None:
-            num.add_(e, alpha=bias_correction)
+            num_i.add_(e, alpha=bias_correction)
         if clip:
-            num.div_(w).clamp_(-clip_radius * bias_correction, clip_radius * bias_correction)
-            m.add_(num, alpha=step)
+            num_i.div_(w).clamp_(-clip_radius * bias_correction, clip_radius * bias_correction)
+            m.add_(num_i, alpha=step)
         else:
-            m.addcdiv_(num, w, value=step)
+            m.addcdiv_(num_i, w, value=step)
         torch.rsqrt(w, out=r)
 
 
