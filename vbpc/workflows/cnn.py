@@ -118,7 +118,7 @@ def run_cnn(cfg: CnnConfig) -> dict[str, dict[str, Any]]:
     if reports:
         from ..evaluation import markdown_table, write_report
 
-        paths = write_report(reports, cfg.report)
+        paths = write_report(reports, str(cfg.report))
         print(f"\nuncertainty report (S = {cfg.test_samples} for the Bayesian methods, OOD = {cfg.ood}, "
               f"95% bootstrap intervals):\n" + markdown_table(reports) + "wrote " + ", ".join(map(str, paths.values())))
         for rep in reports:

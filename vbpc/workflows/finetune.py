@@ -133,7 +133,7 @@ def _loss_fn(model: torch.nn.Module) -> Any:
 
 
 def _run_one(method: str, seed: int, cfg: FinetuneConfig, task: Any, data: dict[str, Any],
-             log: Any) -> dict[str, float]:
+             log: Any) -> dict[str, Any]:
     seed_everything(seed)
     model = minilm_classifier(task.num_classes)
     tok = model.tokenizer()
@@ -151,7 +151,7 @@ def _run_one(method: str, seed: int, cfg: FinetuneConfig, task: Any, data: dict[
     n_pass = max(1, cfg.megabatch // cfg.batch_size)
     t0 = time.perf_counter()
     model.train()
-    opt = _learner(method, cfg, model, named, total, train_batches[:n_pass])
+    opt: Any = _learner(method, cfg, model, named, total, train_batches[:n_pass])
     sched = warmup_cosine_scheduler(opt, 0, total)
     step = 0
     for epoch in range(cfg.epochs):
@@ -194,7 +194,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     task = load_corpus_task(max_per_class=None)
     per_class = [(task.train.labels == c).nonzero().flatten()[: cfg.train_per_class] for c in range(task.num_classes)]
     idx = torch.cat(per_class).tolist()
-    data = {"train_texts": [task.train.texts[i] for i in idx], "train_y": task.train.labels[idx],
+    data: dict[str, Any] = {"train_texts": [task.train.texts[i] for i in idx], "train_y": task.train.labels[idx],
             "test_texts": task.test.texts[: cfg.eval_size], "test_y": task.test.labels[: cfg.eval_size],
             "ood_texts": task.ood[: cfg.eval_size]}
     print(f"task: classes {task.classes}; {len(idx)} train / {len(data['test_texts'])} test passages; "

@@ -105,7 +105,7 @@ def _param_groups(model: nn.Module, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _train(name: str, model: nn.Module, opt: torch.optim.Optimizer, batches: RandomBlocks, cfg: GptConfig,
+def _train(name: str, model: nn.Module, opt: Any, batches: RandomBlocks, cfg: GptConfig,
            device: torch.device) -> float:
     sched = warmup_cosine_scheduler(opt, cfg.warmup, cfg.steps)
     bar = tqdm(batches, desc=name, disable=not cfg.progress, dynamic_ncols=True)

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         return _train(cfg, model, opt, sched, data, spe, total, out, path, device, resume)
 
 
-def _train(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Any, spe: int,
+def _train(cfg: TrainConfig, model: nn.Module, opt: Any, sched: Any, data: Any, spe: int,
            total: int, out: Path, path: Path, device: torch.device, resume: bool) -> dict[str, Any]:
     """The training loop of :func:`train` (under the run lock, after every check)."""
     step = 0
