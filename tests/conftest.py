@@ -19,3 +19,14 @@ torch.set_num_threads(int(_THREADS))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+#: modules whose every test is marked slow and whose imports alone take seconds (Lightning,
+#: transformers.Trainer): `-m "not slow"` does not even import them.
+_SLOW_MODULES = frozenset({"test_hf_trainer.py", "test_lightning.py"})
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in _SLOW_MODULES and config.getoption("markexpr", "").replace(" ", "") == "notslow":
+        return True
+    return None

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 import vbpc
 from helpers import free_port
 
-pytestmark = [pytest.mark.slow,  # two spawned ranks
+pytestmark = [pytest.mark.slow,  # two spawned ranks, once for the module (pytest-xdist --dist loadfile)
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 STEPS = 5

@@ -79,6 +79,7 @@ def test_every_module_is_imported_by_something():
     assert dead == []
 
 
+@pytest.mark.slow
 def test_import_vbpc_imports_no_torch_until_a_name_is_used():
     """``import vbpc`` is instant: every public name loads on first use (PEP 562)."""
     code = ("import sys, vbpc\nassert 'torch' not in sys.modules\nfrom vbpc import IVON, PoCo\n"

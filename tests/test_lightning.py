@@ -21,6 +21,8 @@ from vbpc.predictive import predict
 pl = pytest.importorskip("pytorch_lightning")
 from vbpc.integrations.lightning import VBCallback  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Lightning Trainer runs (and importing Lightning takes seconds)
+
 N, BS = 96, 8
 
 

@@ -224,6 +224,7 @@ def test_char_gpt2_step_on_shakespeare():
     assert abs(float(loss) - torch.log(torch.tensor(float(tok.vocab_size)))) < 0.5  # ~ln V at init
 
 
+@pytest.mark.slow
 def test_minilm_classifier_step_on_corpus_task(minilm3):
     """The classifier on the real shipped MiniLM weights trains one IVON step on real passages of the
     corpus task; scope = the head and the last encoder layer, the rest of the encoder untouched."""
