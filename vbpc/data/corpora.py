@@ -373,7 +373,7 @@ def chunk_text(text: str, chunk_chars: int = 200, min_chars: Optional[int] = Non
         raise ValueError(f"chunk_chars must be >= 2, got {chunk_chars}")
     min_chars = chunk_chars // 2 if min_chars is None else min_chars
     flat = " ".join(text.split())
-    pattern = re.compile(r"\S.{0,%d}(?= |\Z)" % (chunk_chars - 1))
+    pattern = re.compile(rf"\S.{{0,{chunk_chars - 1}}}(?= |\Z)")
     out = pattern.findall(flat)
     if out and len(out[-1]) < min_chars:
         out.pop()

@@ -29,7 +29,7 @@ import contextlib
 import enum
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -226,7 +226,7 @@ class RunningStatsGuard:
                 "sample, or FilterResponseNorm/GroupNorm (docs/algorithms.md §12.14).",
                 UserWarning, stacklevel=3)
 
-    def __call__(self, *, first: bool, anchor: bool = False) -> ContextManager[None]:
+    def __call__(self, *, first: bool, anchor: bool = False) -> contextlib.AbstractContextManager[None]:
         if self.model is None:
             return contextlib.nullcontext()
         allowed = not anchor and (self.update is NormUpdate.ALL or (self.update is NormUpdate.FIRST and first))
