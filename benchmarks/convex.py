@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vbpc
-from vbpc.errors import NonFiniteError
 from vbpc.data import load_fashion_mnist
+from vbpc.errors import NonFiniteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_overhead import atomic_write  # noqa: E402

@@ -653,7 +653,7 @@ def test_41_crafted_checkpoint_headers_are_corrupt_checkpoints(tmp_path, model_s
 
 
 def test_42_deeply_nested_headers_and_bad_specs(tmp_path):
-    deep = ('{"format": "%s", "model": {"__dict__": [["weight", ' % checkpoint.FORMAT
+    deep = ('{"format": "' + checkpoint.FORMAT + '", "model": {"__dict__": [["weight", '
             + '{"__list__": [' * 100_000 + '{"__tensor__": "model/weight"}' + ']}' * 100_000 + ']]}, "extra": {}}')
     with pytest.raises(CorruptCheckpointError, match="corrupt vbpc header: RecursionError"):
         checkpoint.load(_crafted(tmp_path, deep), nn.Linear(2, 2))

@@ -80,6 +80,7 @@ def test_compile_speed_writes_results(tmp_path):
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
 def test_calibration_quick_writes_results(tmp_path):
     import calibration
+
     from vbpc.data.shift import SHIFT_LEVELS
 
     res = calibration.main(["--quick", "--out", str(tmp_path / "cal")])

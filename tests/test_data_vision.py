@@ -28,9 +28,9 @@ from vbpc.data import (
     make_loader,
     seed_everything,
     seed_worker,
+    vision,
 )
 from vbpc.data import fashion_mnist as fm
-from vbpc.data import vision
 
 
 # ----------------------------------------------------------------------------- torchvision

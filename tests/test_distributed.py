@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 from torch.nn import functional as F
 
 import vbpc
-from helpers import free_port
 
 pytestmark = [pytest.mark.slow,  # two spawned ranks, once for the module (pytest-xdist --dist loadfile)
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]

@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
+from helpers import ce_closure
 from torch import nn
 
 import vbpc
-from helpers import ce_closure
 
 
 def _mlp(seed=0, dtype=torch.float32):

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import train_steps as _train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import vbpc
-from helpers import train_steps as _train
 from vbpc.functional import gaussian_noise_, gradsq_hessian_, ivon_update_, price_hessian_, welford_
 
 F64 = torch.float64

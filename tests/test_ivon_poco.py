@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
+from helpers import poco_loop
 from torch import nn
 
 import vbpc
-from helpers import poco_loop
 
 F64 = torch.float64
 

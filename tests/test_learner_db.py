@@ -28,14 +28,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 from torch.nn import functional as F
 
 import vbpc
 from vbpc.errors import NonFiniteError, SamplingError
 from vbpc.inference.registry import LEARNERS, LearnerInfo
-
-from helpers import free_port
 
 
 # ----------------------------------------------------------------------------------------- the cases

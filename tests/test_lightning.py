@@ -71,7 +71,7 @@ class Module(pl.LightningModule):
         return self.make_opt(self.parameters())
 
 
-def _fit(module, data, callbacks=(), **kw) -> "pl.Trainer":
+def _fit(module, data, callbacks=(), **kw) -> pl.Trainer:
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", deterministic=True,
                          callbacks=list(callbacks), **kw)

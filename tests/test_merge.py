@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from vbpc.errors import StateDictMismatchError
-from vbpc.posterior import merge_posteriors, task_arithmetic
-from vbpc.posterior import DiagonalGaussian, Entry
+from vbpc.posterior import DiagonalGaussian, Entry, merge_posteriors, task_arithmetic
 
 
 def gaussian(mean: dict, precision: dict) -> DiagonalGaussian:

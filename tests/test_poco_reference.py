@@ -42,11 +42,11 @@ from typing import Optional
 
 import pytest
 import torch
+from helpers import ce_closure
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 import vbpc
-from helpers import ce_closure
 
 F64 = torch.float64
 RTOL, ATOL = 1e-12, 1e-14  # |a − b| <= RTOL |b| + ATOL, elementwise (torch.testing.assert_close)

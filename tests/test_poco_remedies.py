@@ -12,10 +12,10 @@ import copy
 
 import pytest
 import torch
+from helpers import ce_closure
 from torch import nn
 
 import vbpc
-from helpers import ce_closure
 
 F64 = torch.float64
 KW = dict(lr=0.05, ess=200.0, hess_init=0.5, beta1=0.9, beta2=0.999, weight_decay=1e-3)

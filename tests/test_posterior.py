@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import train_steps
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import vbpc
-from helpers import train_steps
 from vbpc.posterior import DiagonalGaussian, Entry
 
 F64 = torch.float64

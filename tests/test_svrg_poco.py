@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import poco_loop
 from torch import nn
 
 import vbpc
-from helpers import poco_loop
 from vbpc.inference.poco import alpha_at
 
 F64 = torch.float64

@@ -10,8 +10,7 @@ from .version import __version__
 
 if TYPE_CHECKING:  # the names below load on first use (PEP 562): `import vbpc` and `vbpc --help` stay instant
     from . import checkpoint, metrics, nn, predictive
-    from .errors import (CorruptCheckpointError, NonFiniteError, RunLockedError, SamplingError,
-                         StateDictMismatchError)
+    from .errors import CorruptCheckpointError, NonFiniteError, RunLockedError, SamplingError, StateDictMismatchError
     from .inference.continual import ContinualIVON, pretrained_posterior
     from .inference.correction import PoCo, ReplayCorrection
     from .inference.ivon import IVON
@@ -20,8 +19,14 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562): `import vbpc` 
     from .inference.vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo
     from .integrations.pyro import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
     from .memory import state_bytes
-    from .posterior import (DiagonalGaussian, FullGaussian, GaussianPosterior, IsotropicGaussian, merge_posteriors,
-                            task_arithmetic)
+    from .posterior import (
+        DiagonalGaussian,
+        FullGaussian,
+        GaussianPosterior,
+        IsotropicGaussian,
+        merge_posteriors,
+        task_arithmetic,
+    )
     from .scope import Scope, select_parameters
 
 #: where each public name lives; a submodule maps to itself (``vbpc.metrics``)

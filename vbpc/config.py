@@ -441,7 +441,7 @@ def from_dict(data: Optional[dict[str, Any]], cls: Any = TrainConfig, prefix: st
     return cfg
 
 
-def _check_train(cfg: "TrainConfig") -> None:
+def _check_train(cfg: TrainConfig) -> None:
     """Cross-field checks of a :class:`TrainConfig`."""
     one_of(*train_learners())(cfg.learner.name, "learner.name")
     if cfg.data.name.partition(":")[0] == "digits":

@@ -95,7 +95,7 @@ class JsonlLog:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlLog":
+    def __enter__(self) -> JsonlLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:

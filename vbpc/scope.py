@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from enum import Enum
-from typing import Iterable, Sequence, Union
+from typing import Union
 
 import torch
 from torch import nn

@@ -17,6 +17,8 @@ from .fashion_mnist import (
     read_idx,
 )
 from .loading import make_dataloader, make_loader, seed_everything, seed_worker
+from .registry import DATASETS, load_dataset
+from .shift import SHIFT_LEVELS, corrupt, shifted_fashion_mnist
 from .text import (
     CORPORA,
     ByteTokenizer,
@@ -46,9 +48,6 @@ from .vision import (
     load_digits_ood,
     load_mnist,
 )
-
-from .registry import DATASETS, load_dataset
-from .shift import SHIFT_LEVELS, corrupt, shifted_fashion_mnist
 
 __all__ = [
     "SHIFT_LEVELS",

@@ -1,9 +1,9 @@
 """The learners: IVON, the posterior-corrected learners (correction as a component, :class:`PoCo`), VSGD and VON."""
 
 from .continual import ContinualIVON, pretrained_posterior
+from .correction import Correction, PoCo, ReplayCorrection
 from .ivon import IVON
 from .ivon_poco import IVONPoCo, IVONPoCoMo
-from .correction import Correction, PoCo, ReplayCorrection
 from .poco import Anchor
 from .von import VON, VONPoCo
 from .vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo

@@ -7,16 +7,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _dtensor as dt
+from .. import _runtime as ranks
 from ..errors import NonFiniteError, SamplingError
-from .closures import require_grads
-from .gradwatch import GradWatch
 from ..functional import (
     clip_coef,
     default_foreach,
@@ -27,9 +27,9 @@ from ..functional import (
     welford_,
 )
 from ..posterior.base import perturbation
-from .. import _runtime as ranks
-
 from ._ivon_state import IVONBase
+from .closures import require_grads
+from .gradwatch import GradWatch
 
 __all__ = ["WeightSampling"]
 

@@ -13,12 +13,11 @@ from torch.optim import Optimizer
 
 from .. import _dtensor as dt
 from .. import _runtime as ranks
-from ..posterior.base import state_dtype
-
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import (
     check_clip_grad_norm,
 )
+from ..posterior.base import state_dtype
 
 __all__ = ["IVONBase", "IVONState", "check_hparams", "HESS_APPROX", "GRADSQ_SCALE", "SCALAR_STATE"]
 

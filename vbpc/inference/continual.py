@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F

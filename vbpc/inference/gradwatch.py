@@ -63,7 +63,7 @@ class GradWatch:
                     self.carried.append(i)
         return hook
 
-    def __enter__(self) -> "GradWatch":
+    def __enter__(self) -> GradWatch:
         self._entry = [(p.grad, p.grad._version if p.grad is not None else -1) for p in self.params]
         try:
             for i, p in enumerate(self.params):

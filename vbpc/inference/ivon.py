@@ -24,7 +24,8 @@ import inspect
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import _dtensor as dt
-from ..errors import NonFiniteError, SamplingError
-from .closures import closure_loss
-from .gradwatch import FOREIGN_GRADS, GradWatch, is_placeholder
+from .. import _runtime as ranks
 from .._runtime import capture_rng, restore_rng
+from ..errors import NonFiniteError, SamplingError
 from ..functional import (
     check_clip_grad_norm,
     gradsq_hessian_,
@@ -47,9 +47,10 @@ from ..nn.norm import RunningStatsGuard
 from ..posterior.base import Entry
 from ..posterior.diagonal import DiagonalGaussian
 from ..scope import warn_outside_scope
-from .. import _runtime as ranks
 from ._ivon_sampling import WeightSampling
 from ._ivon_state import IVONState, check_hparams
+from .closures import closure_loss
+from .gradwatch import FOREIGN_GRADS, GradWatch, is_placeholder
 
 __all__ = ["IVON"]
 
@@ -149,7 +150,7 @@ class IVON(WeightSampling, IVONState, Optimizer):
         opt.step()
     """
 
-    def __new__(cls, *args: Any, correction: Any = None, prior: Any = None, **kwargs: Any) -> "IVON":
+    def __new__(cls, *args: Any, correction: Any = None, prior: Any = None, **kwargs: Any) -> IVON:
         """``IVON(..., correction=vbpc.PoCo(...))`` builds :class:`vbpc.IVONPoCo`, and ``IVON(..., prior=q_old)``
         (optionally with ``correction=vbpc.ReplayCorrection(...)``) :class:`vbpc.ContinualIVON`: the correction
         is a component of the base learner, the named classes its spellings."""

@@ -27,17 +27,18 @@ price of 2d host-device copies per step) + 2d transient accumulators.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import _dtensor as dt
+from .. import _runtime as ranks
+from .._runtime import capture_rng, restore_rng
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
-from .. import _runtime as ranks
-from .._runtime import capture_rng, restore_rng
 from .correction import ALPHA_MODES, ANCHOR_UPDATES, CorrectedLearner, PoCo
 from .gradwatch import GradWatch, is_placeholder
 from .ivon import IVON

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import _dtensor as dt
+from .. import _runtime as ranks
+from .._runtime import capture_rng, restore_rng
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..functional import poco_correct_
 from ..nn.norm import preserved_running_stats
 from ..posterior import perturbation
-from .. import _runtime as ranks
-from .._runtime import capture_rng, restore_rng
 
 __all__ = ["Anchor", "alpha_at", "batch_size_of"]
 

@@ -20,8 +20,9 @@ it passes each context entry only to the learners listed as taking it (:attr:`Le
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["CONTEXT", "LEARNERS", "LearnerInfo", "get_learner", "learner_names"]
 

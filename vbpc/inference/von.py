@@ -27,17 +27,18 @@ losses).  Hessians: ``"exact"`` (autograd, one batched double-backward) or ``"pr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .. import _runtime as ranks
 from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
 from ..posterior.base import MeanEntry, cholesky, perturbation
 from ..posterior.full import FullGaussian
-from .. import _runtime as ranks
 from .correction import CorrectedLearner, PoCo, refuse_low_precision
 
 __all__ = ["VONPoCo", "VON"]

@@ -7,7 +7,8 @@ SVRG's (§4 P1, eq. 19) under the step mapping ρ = ηN of eq. (4).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn

@@ -22,8 +22,9 @@ See ``docs/integrations.md``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from torch import Tensor, nn
 

@@ -36,7 +36,8 @@ next to each batch and is not supported here (use ``vbpc continual`` or a plain 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -79,7 +80,7 @@ class _DropSample(Exception):
     """Raised into a sampling context to drop it (a micro-batch whose ``training_step`` returned ``None``)."""
 
 
-def learners(trainer: "pl.Trainer") -> list[IVON]:
+def learners(trainer: pl.Trainer) -> list[IVON]:
     """The vbpc learners among the Trainer's optimizers (unwrapped)."""
     return [o for o in map(unwrap_learner, trainer.optimizers) if isinstance(o, IVON)]
 
@@ -124,7 +125,7 @@ class VBCallback(Callback):
         self._restore: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ set-up
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         opts = learners(trainer)
         for opt in opts:
             name = type(opt).__name__
@@ -146,7 +147,7 @@ class VBCallback(Callback):
                                "VBCallback (the Trainer's optimizers)", stacklevel=2)
         self._install_log_filter(pl_module, opts)
 
-    def _install_log_filter(self, pl_module: "pl.LightningModule", opts: list[IVON]) -> None:
+    def _install_log_filter(self, pl_module: pl.LightningModule, opts: list[IVON]) -> None:
         """Drop ``log``/``log_dict`` calls made at an anchor sample or during a refresh."""
         pocos = [o for o in opts if isinstance(o, IVONPoCo)]
         if not pocos or self._restore is not None:
@@ -171,14 +172,14 @@ class VBCallback(Callback):
                 pl_module.__dict__.pop(k, None)
         self._restore = restore
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close(drop=True)
         if self._restore is not None:
             self._restore()
             self._restore = None
 
     # ------------------------------------------------------------------ training
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         opts = learners(trainer)
         if not opts:
@@ -203,14 +204,14 @@ class VBCallback(Callback):
         self._stack.enter_context(opt.sampled_params(train=True))
         self._backward = False
 
-    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not pl_module.automatic_optimization:
             return
         for opt in learners(trainer):  # each backward pass is one sample's own gradient
             for p in _params(opt):
                 p.grad = None
 
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             return
         self._backward = True
@@ -221,7 +222,7 @@ class VBCallback(Callback):
                 if grads:
                     torch._foreach_mul_(grads, float(k))
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._close(drop=not self._backward)
 
@@ -234,7 +235,7 @@ class VBCallback(Callback):
         else:
             stack.close()
 
-    def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", opt: IVONPoCo) -> None:
+    def _refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: IVONPoCo) -> None:
         data = self.refresh_data if self.refresh_data is not None else trainer.train_dataloader
         if data is None:
             raise SamplingError("VBCallback: an IVON-PoCo refresh is due but there is no training dataloader; "
@@ -253,7 +254,7 @@ class VBCallback(Callback):
             self._quiet -= 1
 
     # ------------------------------------------------------------------ evaluation
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.bma_samples or trainer.sanity_checking:
             return
         opts = learners(trainer)

@@ -22,8 +22,9 @@ Note that the ECE is biased upward under resampling, so its interval may not con
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor

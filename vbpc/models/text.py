@@ -115,7 +115,7 @@ class EncoderClassifier(nn.Module):
     ``select_parameters(model, "last_layer")`` picks).  Loading never touches the network.
     """
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], num_labels: int, pooling: str = "mean",
+    def __init__(self, path: Union[str, os.PathLike[str]], num_labels: int, pooling: str = "mean",
                  dropout: float = 0.1, freeze_encoder: bool = False) -> None:
         super().__init__()
         import transformers

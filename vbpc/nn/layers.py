@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Iterator, Literal, Optional, Union
+from collections.abc import Iterator
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,9 @@ oracle §10.5).  The package docstring (:mod:`vbpc.posterior`) states the diagon
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, TypeVar, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -218,7 +219,7 @@ class GaussianPosterior:
                              f"precision (max_dim={max_dim})")
         return torch.diag(self._diag_precision())
 
-    def kl(self, other: "GaussianPosterior") -> Tensor:
+    def kl(self, other: GaussianPosterior) -> Tensor:
         r""":math:`\mathrm{KL}(q\|p)` in float64, for any two families over the same tensors.
 
         Diagonal and isotropic pairs use the elementwise form
@@ -272,11 +273,11 @@ class GaussianPosterior:
         raise NotImplementedError
 
     @classmethod
-    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> "GaussianPosterior":
+    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> GaussianPosterior:
         raise NotImplementedError  # pragma: no cover
 
     @staticmethod
-    def from_state_dict(state: Mapping, model: Optional[nn.Module] = None) -> "GaussianPosterior":
+    def from_state_dict(state: Mapping, model: Optional[nn.Module] = None) -> GaussianPosterior:
         """Rebuild a saved posterior of any family; with ``model`` it is bound for :meth:`sampled`."""
         family = state.get("family") if isinstance(state, Mapping) else None
         classes = {getattr(c, "family", None): c for c in GaussianPosterior.__subclasses__()}

@@ -3,15 +3,16 @@ r"""The diagonal Gaussian (docs/algorithms.md eq. 3): IVON's posterior family.""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteError, StateDictMismatchError
 from ..functional import gaussian_noise_
 from ..scope import Scope, select_parameters
-from ..errors import NonFiniteError, StateDictMismatchError
-from .base import (BAYES_PRECISION_SUFFIX, Entry, GaussianPosterior, state_dtype)
+from .base import BAYES_PRECISION_SUFFIX, Entry, GaussianPosterior, state_dtype
 
 __all__ = ["DiagonalGaussian"]
 
@@ -45,7 +46,7 @@ class DiagonalGaussian(GaussianPosterior):
         module_types=None,
         include=None,
         exclude=None,
-    ) -> "DiagonalGaussian":
+    ) -> DiagonalGaussian:
         """A posterior whose mean *is* the module's parameters (shared, not copied).
 
         The precision comes from Bayesian layers' ``<param>_precision`` buffers where present
@@ -71,12 +72,12 @@ class DiagonalGaussian(GaussianPosterior):
         return cls(entries)
 
     @classmethod
-    def from_state_dict(cls, state: Mapping, model: Optional[nn.Module] = None) -> "DiagonalGaussian":
+    def from_state_dict(cls, state: Mapping, model: Optional[nn.Module] = None) -> DiagonalGaussian:
         """Rebuild a saved posterior; with ``model`` it is bound for :meth:`sampled`."""
         return cls._from_state(state, model)
 
     @classmethod
-    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> "DiagonalGaussian":
+    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> DiagonalGaussian:
         cls._check_state(state)
         entries = [
             Entry(n, state["mean"][n].clone(), state["hess"][n].clone(), float(state["ess"][n]),
@@ -167,7 +168,7 @@ class DiagonalGaussian(GaussianPosterior):
             total = total + (-0.5 * (s * r * r - s.log() + math.log(2 * math.pi))).sum().cpu()
         return total
 
-    def prior(self, mean: float = 0.0) -> "DiagonalGaussian":
+    def prior(self, mean: float = 0.0) -> DiagonalGaussian:
         r"""The prior of objective (2), :math:`\mathcal N(\text{mean}, (\lambda\delta)^{-1}I)`, per tensor."""
         entries = []
         for e in self._entries:

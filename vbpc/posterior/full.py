@@ -3,14 +3,15 @@ r"""The full-covariance Gaussian :math:`\mathcal N(m,S^{-1})` (docs/algorithms.m
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..scope import Scope, select_parameters
 from ..errors import StateDictMismatchError
-from .base import (GaussianPosterior, MeanEntry, check_mean_state, check_same_layout, cholesky)
+from ..scope import Scope, select_parameters
+from .base import GaussianPosterior, MeanEntry, check_mean_state, check_same_layout, cholesky
 
 __all__ = ["FullGaussian"]
 
@@ -55,7 +56,7 @@ class FullGaussian(GaussianPosterior):
     def from_module(
         cls, model: nn.Module, scope: Union[str, Scope] = Scope.ALL, *, precision: Union[float, Tensor] = 1.0,
         max_dim: int = 5000, module_types=None, include=None, exclude=None,
-    ) -> "FullGaussian":
+    ) -> FullGaussian:
         """A posterior whose mean *is* the module's parameters; ``precision`` a scalar (×I) or (d, d)."""
         pairs = select_parameters(model, scope, module_types=module_types, include=include, exclude=exclude)
         d = sum(p.numel() for _, p in pairs)
@@ -110,7 +111,7 @@ class FullGaussian(GaussianPosterior):
                 "precision": self.precision.clone(), "max_dim": self.max_dim}
 
     @classmethod
-    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> "FullGaussian":
+    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> FullGaussian:
         check_mean_state(state, cls.family, ("precision",))
         post = cls([MeanEntry(n, state["mean"][n].clone()) for n in state["names"]], state["precision"],
                    max_dim=int(state.get("max_dim", 5000)))

@@ -3,14 +3,15 @@ r"""The isotropic Gaussian :math:`\mathcal N(m,\sigma^2I)` (docs/algorithms.md Â
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..scope import Scope, select_parameters
 from ..errors import StateDictMismatchError
-from .base import (GaussianPosterior, MeanEntry, check_mean_state, check_same_layout)
+from ..scope import Scope, select_parameters
+from .base import GaussianPosterior, MeanEntry, check_mean_state, check_same_layout
 
 __all__ = ["IsotropicGaussian"]
 
@@ -38,7 +39,7 @@ class IsotropicGaussian(GaussianPosterior):
     def from_module(
         cls, model: nn.Module, scope: Union[str, Scope] = Scope.ALL, *, sigma: Union[float, Tensor],
         learn_sigma: bool = False, module_types=None, include=None, exclude=None,
-    ) -> "IsotropicGaussian":
+    ) -> IsotropicGaussian:
         """A posterior whose mean *is* the module's parameters (shared, not copied)."""
         pairs = select_parameters(model, scope, module_types=module_types, include=include, exclude=exclude)
         return cls([MeanEntry(n, p, target=p) for n, p in pairs], sigma, learn_sigma=learn_sigma)
@@ -89,7 +90,7 @@ class IsotropicGaussian(GaussianPosterior):
                 "sigma": float(self.sigma), "learn_sigma": self.learn_sigma}
 
     @classmethod
-    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> "IsotropicGaussian":
+    def _from_state(cls, state: Mapping, model: Optional[nn.Module] = None) -> IsotropicGaussian:
         check_mean_state(state, cls.family, ("sigma",))
         post = cls([MeanEntry(n, state["mean"][n].clone()) for n in state["names"]], state["sigma"],
                    learn_sigma=bool(state.get("learn_sigma", False)))

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import ContinualConfig, ConfigError, to_dict
+from ..config import ConfigError, ContinualConfig, to_dict
 from ..data import load_fashion_mnist, seed_everything
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock

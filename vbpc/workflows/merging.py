@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -30,10 +31,10 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, MergeConfig, to_dict
 from ..data import seed_everything
-from ..posterior.merging import merge_posteriors, task_arithmetic
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model
+from ..posterior.merging import merge_posteriors, task_arithmetic
 from ..reporting import JsonlLog, markdown_table, pm, save_figure, subplots, write_json
 from .continual import Task, evaluate_tasks, frozen_posterior, make_tasks, preflight, prepare_out, task_loss
 

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from .._runtime import restore_rng, rng_from_state_dict, rng_state_dict
 from ..config import TrainConfig, to_dict
 from ..data import load_dataset, make_loader, seed_everything
-from .._runtime import restore_rng, rng_from_state_dict, rng_state_dict
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..models import build_model

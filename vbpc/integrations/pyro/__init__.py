@@ -37,8 +37,19 @@ exported model and guide hold no learnable tensors at all.
 """
 
 from .bbb import BayesByBackprop, MeanFieldGuide
-from .bridge import (FLAT_SITE, LIKELIHOODS, OBS_SITE, OUTPUT_SITE, PROBS_SITE, PosteriorGuide, PyroNetModel,
-                     pyro_local_params, to_pyro, to_pyro_guide, to_pyro_model)
+from .bridge import (
+                     FLAT_SITE,
+                     LIKELIHOODS,
+                     OBS_SITE,
+                     OUTPUT_SITE,
+                     PROBS_SITE,
+                     PosteriorGuide,
+                     PyroNetModel,
+                     pyro_local_params,
+                     to_pyro,
+                     to_pyro_guide,
+                     to_pyro_model,
+)
 
 __all__ = [
     "BayesByBackprop",

@@ -4,7 +4,8 @@ r"""Bayes by backprop (Blundell et al., 2015) through Pyro SVI on the same ``nn.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 import pyro
 import pyro.distributions as dist
@@ -20,9 +21,18 @@ from tqdm.auto import tqdm
 from ...posterior import DiagonalGaussian, Entry
 from ...posterior.base import state_dtype
 from ...scope import Scope
-
-from .bridge import (OUTPUT_SITE, PROBS_SITE, PyroNetModel, _build_net, _check_likelihood, _ids_with_several_names,
-                     _resolve_prior, _resolve_sites, _split, pyro_local_params)
+from .bridge import (
+    OUTPUT_SITE,
+    PROBS_SITE,
+    PyroNetModel,
+    _build_net,
+    _check_likelihood,
+    _ids_with_several_names,
+    _resolve_prior,
+    _resolve_sites,
+    _split,
+    pyro_local_params,
+)
 
 __all__ = ["BayesByBackprop", "MeanFieldGuide"]
 
