@@ -765,7 +765,7 @@ def plot_bars(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI size: 2,000 images, 1 epoch, 2 seeds, one grid point")
+    ap.add_argument("--quick", action="store_true", help="CI size: 1,000 images, 1 epoch, 2 seeds, one grid point")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -796,8 +796,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--out", default="benchmarks/results/calibration")
     args = ap.parse_args(argv)
     if args.quick:
-        args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 2000, 500, 500, 1, [0, 1]
-        args.shift_size, args.synthetic_size, args.samples, args.n_boot, args.resnet = 200, 200, 2, 100, False
+        args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 1000, 300, 300, 1, [0, 1]
+        args.shift_size, args.synthetic_size, args.samples, args.n_boot, args.resnet = 100, 100, 2, 100, False
         args.max_widen, args.plateau_epochs = 0, 0
         args.workers = 1
     grids = {m: (g[:1] if args.quick else g) for m, g in GRIDS.items()}
