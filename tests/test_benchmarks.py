@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -57,67 +56,6 @@ def test_compile_speed_writes_results(tmp_path):
                               "--out", str(tmp_path / "cs")])
     rows = json.loads((tmp_path / "cs.json").read_text())
     assert rows[0]["model"] == "mlp" and rows[0]["ratio_median"] > 0 and "| mlp |" in res["table"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian dataset-fashion-mnist")
-def test_calibration_quick_writes_results(tmp_path):
-    import calibration
-
-    from vbpc.data.shift import SHIFT_LEVELS
-
-    res = calibration.main(["--quick", "--out", str(tmp_path / "cal")])
-    data = json.loads((tmp_path / "cal.json").read_text())
-    singles = set(calibration.METHODS) - set(calibration.ENSEMBLES)
-    assert set(data["rows"]) == singles and set(data["ensembles"]) == set(calibration.ENSEMBLES)
-    for rows in data["rows"].values():
-        assert [r["seed"] for r in rows] == data["settings"]["seeds"]
-        for r in rows:
-            assert 0.0 <= r["ece"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and 0 < r["brier"] < 2
-            assert set(r["ood"]) == set(data["ood_sets"]) and all(0 <= v <= 1 for v in r["ood"]["digits"].values())
-            assert ("mi" in r["ood"]["digits"]) == (r["forward_passes"] > 1)  # MI only with several predictives
-            assert set(r["shift"]) == set(SHIFT_LEVELS)
-            for fam, curve in r["shift"].items():
-                assert len(curve["ece"]) == len(curve["level"]) == len(SHIFT_LEVELS[fam]) + 1
-            assert r["mean_shift_ece"] == pytest.approx(calibration.mean_over_shift(r["shift"], "ece"))
-    # selection: every trained method has its grid scored on the validation split, the winner is the argmin
-    for m, sel in data["selection"].items():
-        assert sel["grid"] and all(math.isfinite(g["val_nll"]) for g in sel["grid"])
-        assert sel["selected_lr"] == min(sel["grid"], key=lambda g: g["val_nll"])["lr"]
-        assert all(r["lr"] == sel["selected_lr"] for r in data["rows"][m])
-    assert len(data["posthoc"]["temperature"]) == len(data["settings"]["seeds"])
-    for e in data["ensembles"].values():
-        assert set(e["vs_adamw"]) == {"accuracy", "nll", "ece", "brier"} and "mi" in e["ood"]["digits"]
-    for name in calibration.METHODS:
-        assert f"| {name} |" in res["table"]
-    for metric in ("accuracy", "nll", "ece", "entropy"):
-        assert (tmp_path / f"cal_shift_{metric}.png").stat().st_size > 5000
-    assert (tmp_path / "cal.png").stat().st_size > 5000
-    # the run cache refuses other settings instead of reusing its runs silently
-    with pytest.raises(SystemExit, match="other settings"):
-        calibration.main(["--quick", "--hess-init", "0.3", "--out", str(tmp_path / "cal")])
-
-
-def test_calibration_bootstrap_difference_against_hand_metrics():
-    import calibration
-    import torch
-
-    from vbpc.metrics import accuracy, brier, ece, nll
-
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 4, (300,), generator=g)
-    p = torch.softmax(3 * torch.randn(300, 4, generator=g, dtype=torch.float64), -1)
-    refs = [torch.softmax(2 * torch.randn(300, 4, generator=g, dtype=torch.float64), -1) for _ in range(3)]
-    out = calibration.bootstrap_difference(p, refs, y, n_boot=400)
-    for key, fn in (("accuracy", accuracy), ("nll", nll), ("brier", brier), ("ece", ece)):
-        hand = fn(p, y) - sum(fn(r, y) for r in refs) / 3
-        assert out[key]["mean"] == pytest.approx(hand, abs=1e-12)
-        assert out[key]["lo"] <= out[key]["mean"] <= out[key]["hi"] and out[key]["lo"] < out[key]["hi"]
-    # one resample by hand: ECE from the binned gaps equals vbpc's ECE of the resampled rows
-    idx = torch.randint(0, 300, (1, 300), generator=g)
-    got = calibration._resampled(calibration._example_stats(p, y), idx)
-    assert float(got["ece"][0]) == pytest.approx(ece(p[idx[0]], y[idx[0]]), abs=1e-12)
-    assert float(got["nll"][0]) == pytest.approx(nll(p[idx[0]], y[idx[0]]), abs=1e-12)
 
 
 def test_suite_entry_point(tmp_path, capsys, monkeypatch):
