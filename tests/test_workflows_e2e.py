@@ -65,7 +65,7 @@ def test_finetune_workflow_tiny(capsys, tmp_path):
     from vbpc.workflows.finetune import FinetuneConfig, run_finetune
 
     cfg = tmp_path / "ft.yaml"
-    cfg.write_text("train_per_class: 8\neval_size: 16\nbatch_size: 8\nmax_length: 32\ntest_samples: 2\n"
+    cfg.write_text("train_per_class: 4\neval_size: 8\nbatch_size: 8\nmax_length: 16\ntest_samples: 2\n"
                    "megabatch: 8\nmethods: [adamw, ivon, ivon-poco, ivon-prior]\n")
     res = run_finetune(load_config(cfg, ["progress=false", f"out={tmp_path / 'out'}", "seeds=[0]"],
                                    cls=FinetuneConfig))
