@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import torch
@@ -45,3 +46,20 @@ def poco_loop(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
             opt.refresh(loss_fn, data, model=model, progress=False)
         i = (t * bs) % len(x)
         opt.step(ce_closure(model, opt, x[i:i + bs], y[i:i + bs]))
+
+
+def finite(d: dict) -> bool:
+    """Every value of ``d`` is a finite number."""
+    return all(math.isfinite(v) for v in d.values())
+
+
+def load_example(name: str, folder: str = ""):
+    """Import ``examples/<folder>/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

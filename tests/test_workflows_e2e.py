@@ -3,31 +3,17 @@
 Tiny settings: these check the wiring (real data in, finite metrics out, above-chance accuracy),
 not the numbers the README reports (those come from the default settings)."""
 
+from __future__ import annotations
 
 import math
 
 import pytest
+from helpers import finite
 
 from vbpc.cli import main as cli
 from vbpc.config import ConfigError, load_config
 from vbpc.workflows.cnn import CnnConfig, run_cnn
 from vbpc.workflows.gpt import GptConfig, run_gpt
-
-
-def finite(d: dict) -> bool:
-    return all(math.isfinite(v) for v in d.values())
-
-
-def _example(name: str, folder: str = ""):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / folder / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 
 @pytest.mark.slow
