@@ -201,3 +201,47 @@ def test_two_pass_restores_the_random_state_when_the_anchor_pass_raises():
     with pytest.raises(RuntimeError):
         Correction.two_pass(lambda: torch.rand(3), anchor)
     assert torch.equal(torch.rand(3), after_one)
+
+
+def test_ivon_with_poco_keeps_ivons_defaults_so_it_is_ivon_pocomo():
+    """``vbpc.IVON(..., correction=PoCo(...))`` keeps IVON's β1 = 0.9 (IVON-PoCoMo), not IVONPoCo's β1 = 0."""
+    opts = dict(alpha=0.5, anchor_period=3)
+    opt = vbpc.IVON(_model().parameters(), lr=0.05, ess=64.0, correction=vbpc.PoCo(**opts))
+    assert opt.param_groups[0]["beta1"] == 0.9
+    assert vbpc.IVONPoCo(_model().parameters(), lr=0.05, ess=64.0, **opts).param_groups[0]["beta1"] == 0.0
+    _same(_run(lambda m: vbpc.IVONPoCoMo(m.parameters(), lr=0.05, ess=64.0, **opts)),
+          _run(lambda m: vbpc.IVON(m.parameters(), lr=0.05, ess=64.0, correction=vbpc.PoCo(**opts))))
+    assert "_beta1_default" not in opt.__dict__ and "_pre_counters" not in opt.__dict__
+
+
+def test_replay_options_given_both_ways_are_refused():
+    base = _model(5)
+    q = vbpc.IVON(base.parameters(), lr=0.05, ess=64.0).posterior(base)
+    with pytest.raises(TypeError, match="anchor_noise given twice"):
+        vbpc.ContinualIVON(_model(5).parameters(), lr=0.05, ess=64.0, prior=q, anchor_noise="independent",
+                           correction=vbpc.ReplayCorrection(memory_weight=10.0))
+
+
+def test_low_precision_groups_added_later_are_refused_too():
+    opt = vbpc.VSGD(nn.Linear(2, 1).parameters(), lr=0.1, sigma=0.0)
+    with pytest.raises(TypeError, match="bf16/fp16"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_refresh_runs_on_the_learner_through_a_forwarding_wrapper():
+    """Lightning's LightningOptimizer subclasses the learner's class and copies its ``__dict__`` when it is
+    built: a refresh through it must see the learner's live state (here: a sample pending since then)."""
+    model = _model()
+    opt = vbpc.IVONPoCo(model.parameters(), lr=0.05, ess=64.0, anchor_period=2)
+
+    class Wrapper(type(opt)):
+        def __init__(self, inner):
+            self.__dict__ = dict(inner.__dict__)  # a snapshot, as LightningOptimizer takes
+
+    w = Wrapper(opt)
+    with opt.sampled_params(train=True):  # a pending sample the snapshot does not know about
+        nn.functional.mse_loss(model(X), Y).backward()
+    assert opt._count == 1 and w.__dict__["_count"] == 0
+    with pytest.raises(vbpc.SamplingError, match="samples are pending"):
+        w.refresh(lambda b: nn.functional.mse_loss(model(b[0]), b[1]), [(X, Y)], progress=False)

@@ -144,8 +144,11 @@ class ContinualIVON(IVONPoCo):
             if memory_weight is not None or data_size is not None:
                 raise TypeError("memory_weight/data_size given twice: as keywords and in correction=ReplayCorrection")
             memory_weight, data_size = correction.memory_weight, correction.data_size
-            kw.setdefault("anchor_noise", correction.anchor_noise)
-            kw.setdefault("track_stats", correction.track_stats)
+            for key in ("anchor_noise", "track_stats"):
+                if key in kw and kw[key] != getattr(correction, key):
+                    raise TypeError(f"{key} given twice: {kw[key]!r} as a keyword and {getattr(correction, key)!r} in "
+                                    "correction=ReplayCorrection(...); put it in the ReplayCorrection")
+                kw[key] = getattr(correction, key)
         elif not isinstance(correction, bool):
             raise TypeError(f"correction must be a bool or a vbpc.ReplayCorrection, got {type(correction).__name__}")
         if correction and not (memory_weight is not None and memory_weight > 0):

@@ -25,9 +25,10 @@ statistics a pass yields, and how :math:`\tilde g,\tilde h` enter its update.
 
 Usage::
 
-    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=len(train),
+    opt = vbpc.IVON(model.parameters(), lr=0.1, ess=len(train), beta1=0.0,
                     correction=vbpc.PoCo(alpha=0.75, alpha_schedule="linear", total_steps=n, anchor_period=200))
-    # the same learner as vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=len(train), alpha=0.75, ...)
+    # the same learner as vbpc.IVONPoCo(model.parameters(), lr=0.1, ess=len(train), alpha=0.75, ...);
+    # with IVON's default beta1 = 0.9 it is vbpc.IVONPoCoMo
 """
 
 from __future__ import annotations
@@ -305,9 +306,10 @@ class Correction:
         Anchor(self.anchor.params).load_state_dict(state["anchor"])
 
 
-def refuse_low_precision(learner: str, params: Iterable[Tensor]) -> None:
+def refuse_low_precision(learner: str, params: Iterable[Any]) -> None:
     """Learners that keep the mean in the parameters themselves (no fp32 master copy) refuse bf16/fp16
-    parameters: updates below their resolution would be lost silently."""
+    parameters (call it from ``add_param_group``, which every group passes through): updates below their
+    resolution would be lost silently."""
     for p in params:
         if p.dtype in (torch.bfloat16, torch.float16):
             raise TypeError(f"{learner} keeps its mean in the parameters (no fp32 master copy), so {p.dtype} "
@@ -322,7 +324,7 @@ class CorrectedLearner:
     correction: Correction
 
     def _init_correction(self, options: PoCo, params: list[Tensor]) -> None:
-        clipped = getattr(self, "__dict__", {}).get("_pre_counters", {})
+        clipped = self.__dict__.pop("_pre_counters", {})  # set by the base learner's constructor
         self.correction = Correction(options, params)
         self.correction.counters.update(clipped)
         self.last_stats: Optional[dict[str, Any]] = None

@@ -166,7 +166,9 @@ class IVON(WeightSampling, IVONState, Optimizer):
             if not isinstance(correction, PoCo):
                 raise TypeError(f"correction must be a vbpc.PoCo or a vbpc.ReplayCorrection, got "
                                 f"{type(correction).__name__}")
-            return super().__new__(IVONPoCo)
+            obj = super().__new__(IVONPoCo)
+            obj.__dict__["_beta1_default"] = 0.9  # IVON's arguments keep IVON's defaults: IVON + PoCo is IVON-PoCoMo
+            return obj
         return super().__new__(cls)
 
     def __init__(

@@ -41,7 +41,7 @@ from ..functional import ivon_rsqrt_, perturb_, poco_correct_
 from ..posterior import perturbation
 from .correction import ALPHA_MODES, ANCHOR_UPDATES, CorrectedLearner, PoCo
 from .gradwatch import GradWatch, is_placeholder
-from .ivon import IVON
+from .ivon import IVON, _forward_public
 
 __all__ = ["IVONPoCo", "IVONPoCoMo", "ALPHA_MODES", "ANCHOR_UPDATES"]
 
@@ -49,7 +49,8 @@ __all__ = ["IVONPoCo", "IVONPoCoMo", "ALPHA_MODES", "ANCHOR_UPDATES"]
 class IVONPoCo(CorrectedLearner, IVON):
     r"""IVON with posterior correction (docs/algorithms.md §6; options and defaults of §6.2).
 
-    Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo) plus the correction,
+    Takes every :class:`vbpc.IVON` argument (``beta1`` defaults to 0 here: IVON-PoCo; built as
+    ``vbpc.IVON(..., correction=...)`` it keeps IVON's default 0.9, i.e. IVON-PoCoMo) plus the correction,
     either as ``correction=vbpc.PoCo(...)`` or as the same options given as keyword arguments
     (:class:`vbpc.PoCo` validates them; ``vbpc.IVON(..., correction=vbpc.PoCo(...))`` builds this learner):
     ``alpha`` (1.0), ``alpha_schedule`` (``"constant"`` | ``"linear"``, with ``total_steps``),
@@ -119,7 +120,7 @@ class IVONPoCo(CorrectedLearner, IVON):
         lr: float,
         ess: float,
         hess_init: float = 1.0,
-        beta1: float = 0.0,
+        beta1: Optional[float] = None,
         beta2: float = 0.99999,
         weight_decay: float = 1e-4,
         mc_samples: int = 1,
@@ -132,6 +133,8 @@ class IVONPoCo(CorrectedLearner, IVON):
         correction: Optional[PoCo] = None,
         **kw: Any,
     ):
+        if beta1 is None:  # 0 (IVON-PoCo); built as vbpc.IVON(..., correction=...): IVON's default, 0.9
+            beta1 = self.__dict__.pop("_beta1_default", 0.0)
         options, ivon_kw = PoCo.split(kw, correction)
         if ivon_kw.get("parity"):
             raise ValueError("parity=True is a contract with the reference IVON; IVON-PoCo has no reference")
@@ -480,6 +483,11 @@ class IVONPoCo(CorrectedLearner, IVON):
         self.correction.check_state(extra)  # validates shapes before anything changes
         super().load_state_dict(state_dict)
         self.correction.load_state_dict(extra)
+
+
+# the mixin's public methods (refresh) run on the learner itself when called through a framework's wrapper
+# (Lightning's LightningOptimizer), as IVON's own do
+_forward_public(CorrectedLearner)
 
 
 class IVONPoCoMo(IVONPoCo):

@@ -103,7 +103,6 @@ class VONPoCo(CorrectedLearner, Optimizer):
         options.check_supported(type(self).__name__, _UNSUPPORTED)
         super().__init__(params, dict(lr=lr, ess=ess, weight_decay=weight_decay))
         plist = self._params()
-        refuse_low_precision(type(self).__name__, plist)
         d = sum(p.numel() for p in plist)
         if d > max_dim:
             raise ValueError(f"VON keeps a dense {d}×{d} precision ({8 * d * d / 2**20:.0f} MiB in float64), more "
@@ -122,6 +121,8 @@ class VONPoCo(CorrectedLearner, Optimizer):
         if self.param_groups:
             raise ValueError(f"{type(self).__name__} takes one param group (one flat Gaussian over every parameter, "
                              "with one lr/ess/weight_decay); got a second: pass the parameters as one group")
+        refuse_low_precision(type(self).__name__, [param_group["params"]] if isinstance(param_group["params"], Tensor)
+                             else param_group["params"])
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ helpers

@@ -84,12 +84,16 @@ class VSGDPoCo(CorrectedLearner, Optimizer):
                 raise ValueError(f"invalid {name}={value!r}")
         options.check_supported(type(self).__name__, _UNSUPPORTED)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        refuse_low_precision(type(self).__name__, self._params())
         self.sigma = float(sigma)
         self._init_correction(options, self._params())
         self._norm = RunningStatsGuard(model, norm_update, type(self).__name__)
         self.sync = bool(sync)
         self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        refuse_low_precision(type(self).__name__, [param_group["params"]] if isinstance(param_group["params"], Tensor)
+                             else param_group["params"])
+        super().add_param_group(param_group)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
