@@ -23,7 +23,7 @@ Per parameter tensor, with ``ess`` :math:`\lambda` and ``weight_decay`` :math:`\
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ def default_foreach(tensors: list[Tensor]) -> bool:
 def _shift(src: list[Tensor], scalar: float, out: Scratch, foreach: bool) -> list[Tensor]:
     """``out = src + scalar`` (one add per element; ``out`` reused when given)."""
     if out is None:
-        return list(torch._foreach_add(src, scalar)) if foreach else [s.add(scalar) for s in src]
+        return cast(list[Tensor], torch._foreach_add(src, scalar)) if foreach else [s.add(scalar) for s in src]
     if foreach:
         torch._foreach_copy_(out, src)
         torch._foreach_add_(out, scalar)
