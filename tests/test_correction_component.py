@@ -245,3 +245,13 @@ def test_refresh_runs_on_the_learner_through_a_forwarding_wrapper():
     assert opt._count == 1 and w.__dict__["_count"] == 0
     with pytest.raises(vbpc.SamplingError, match="samples are pending"):
         w.refresh(lambda b: nn.functional.mse_loss(model(b[0]), b[1]), [(X, Y)], progress=False)
+
+
+def test_named_parameters_build_the_isotropic_and_full_learners():
+    """(name, parameter) pairs, as the workflows pass them, go through the same add_param_group checks."""
+    model = nn.Linear(2, 1)
+    assert vbpc.VSGD(model.named_parameters(), lr=0.1, sigma=0.0).param_groups[0]["params"][0] is model.weight
+    assert vbpc.VON(model.named_parameters(), lr=0.5, ess=10.0).d == 3
+    half = nn.Linear(2, 1).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="bf16/fp16"):
+        vbpc.VON(half.named_parameters(), lr=0.5, ess=10.0)

@@ -121,9 +121,12 @@ class VONPoCo(CorrectedLearner, Optimizer):
         if self.param_groups:
             raise ValueError(f"{type(self).__name__} takes one param group (one flat Gaussian over every parameter, "
                              "with one lr/ess/weight_decay); got a second: pass the parameters as one group")
-        refuse_low_precision(type(self).__name__, [param_group["params"]] if isinstance(param_group["params"], Tensor)
-                             else param_group["params"])
         super().add_param_group(param_group)
+        try:  # checked on the group as torch.optim stored it (tensors, also from (name, tensor) pairs)
+            refuse_low_precision(type(self).__name__, self.param_groups[-1]["params"])
+        except TypeError:
+            self.param_groups.pop()
+            raise
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:

@@ -91,9 +91,12 @@ class VSGDPoCo(CorrectedLearner, Optimizer):
         self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        refuse_low_precision(type(self).__name__, [param_group["params"]] if isinstance(param_group["params"], Tensor)
-                             else param_group["params"])
         super().add_param_group(param_group)
+        try:  # checked on the group as torch.optim stored it (tensors, also from (name, tensor) pairs)
+            refuse_low_precision(type(self).__name__, self.param_groups[-1]["params"])
+        except TypeError:
+            self.param_groups.pop()
+            raise
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
