@@ -45,33 +45,17 @@ from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._enums import parse_enum
 from ..errors import SamplingError, StateDictMismatchError
 from ..posterior import DiagonalGaussian, Entry
 from .correction import ReplayCorrection
+from .curvature import Curvature, PreMean, cycle, pretrained_posterior
 from .ivon_poco import IVONPoCo
-from .poco import Anchor, batch_size_of
+from .poco import Anchor
 
 __all__ = ["ContinualIVON", "pretrained_posterior", "cycle", "Curvature", "PreMean", "Start"]
-
-
-
-class Curvature(str, enum.Enum):
-    """The curvature pass of eq. (30)."""
-
-    PRICE = "price"
-    GRADSQ = "gradsq"
-    FISHER = "fisher"
-
-
-class PreMean(str, enum.Enum):
-    """The anchored mean of eq. (30): the pretrained weights or one Newton step (the exact (13))."""
-
-    PRETRAINED = "pretrained"
-    NEWTON = "newton"
 
 
 class Start(str, enum.Enum):
@@ -81,8 +65,9 @@ class Start(str, enum.Enum):
     KEEP = "keep"
 
 
-CURVATURES = tuple(c.value for c in Curvature)
-PRE_MEANS = tuple(c.value for c in PreMean)
+def _no_new_data() -> Tensor:
+    """The new-batch closure of ``step(None, memory=...)`` with ``data_size=0``: never called."""
+    raise AssertionError("unreachable: data_size=0 evaluates the memory only")
 
 
 class ContinualIVON(IVONPoCo):
@@ -103,7 +88,14 @@ class ContinualIVON(IVONPoCo):
         memory_weight: :math:`N_{old}`, the number of old examples the memory stands for (required
             with ``correction``; unbiased for a uniform memory).
         data_size: :math:`N_{new}` (default ``ess``): the new batch's gradient is scaled by
-            :math:`N_{new}/\lambda`.
+            :math:`N_{new}/\lambda`.  ``0.0``: no new data (:math:`w_{new}=0`); each step is then
+            ``step(None, memory=...)``, the memory alone (needs ``correction``).
+        anchor: the posterior :math:`q_{anc}` at which the replay memory's reference sites were formed
+            (default: ``prior``).  The correction terms of (29) use it, :math:`\theta_{old}=m_{anc}+
+            \sigma_{anc}\odot z`, :math:`\hat g_{\mathcal M}(q_{anc})`, :math:`\hat h_{\mathcal M}(q_{anc})\odot
+            (m-m_{anc})` and :meth:`set_memory_curvature`, while the prior term
+            :math:`\delta_v\odot(m-m_0)` and :meth:`prior` keep ``prior``.  Unlearning uses
+            ``prior=q_rm`` (eq. 32), ``anchor=q_old``, ``data_size=0.0`` and the retained memory.
         start: ``"prior"`` (copy :math:`m_{old}` into the parameters) or ``"keep"``.
         **kw: every other :class:`vbpc.IVON` argument (``beta1`` defaults to 0.9 here, IVON's),
             ``model``/``norm_update``, ``anchor_noise`` (``"shared"``) and ``track_stats``.
@@ -127,6 +119,7 @@ class ContinualIVON(IVONPoCo):
         correction: Union[bool, ReplayCorrection, None] = False,
         memory_weight: Optional[float] = None,
         data_size: Optional[float] = None,
+        anchor: Optional[DiagonalGaussian] = None,
         start: str = "keep",
         beta1: float = 0.9,
         model: Optional[nn.Module] = None,
@@ -154,8 +147,19 @@ class ContinualIVON(IVONPoCo):
         if correction and not (memory_weight is not None and memory_weight > 0):
             raise ValueError("correction=True needs memory_weight > 0: the number of old examples N_old "
                              "the replay memory stands for (eq. 29)")
-        if data_size is not None and not data_size > 0:
-            raise ValueError(f"invalid data_size={data_size!r}: must be > 0")
+        if data_size is not None and not (data_size >= 0 and math.isfinite(data_size)):
+            raise ValueError(f"invalid data_size={data_size!r}: must be finite and >= 0")
+        if data_size == 0 and not correction:
+            raise ValueError("data_size=0 (no new data) leaves only the replay memory: pass correction=True and "
+                             "memory_weight, or give data_size > 0")
+        if anchor is prior:
+            anchor = None  # the same object: the default, bit for bit
+        if anchor is not None:
+            if not isinstance(anchor, DiagonalGaussian):
+                raise TypeError(f"anchor must be a vbpc.DiagonalGaussian, got {type(anchor).__name__}")
+            if not correction:
+                raise ValueError("anchor= is the posterior the replay memory's reference sites were formed at (eq. "
+                                 "29); it needs correction=True (without a correction the prior is all there is)")
         start_at = parse_enum(Start, start, "start")
         super().__init__(params, lr, ess, beta1=beta1, alpha=0.0, model=model, **kw)
         self.replay = bool(correction)  # the correction term of (29) on a replay memory
@@ -164,7 +168,9 @@ class ContinualIVON(IVONPoCo):
         self.last_memory_loss: Optional[Tensor] = None
         self.memory_hess: Optional[list[Tensor]] = None  # h̄_M(q_old), see set_memory_curvature
         self._memory: Optional[Callable[[], Tensor]] = None
-        self._bind_prior(prior, model, start_at is Start.PRIOR)
+        self.separate_anchor = anchor is not None  # prior term at m_0, correction terms at m_anc
+        self._memory_source: Optional[tuple[Callable[[Any], Tensor], list[Any], dict[str, Any]]] = None
+        self._bind_prior(prior, model, start_at is Start.PRIOR, anchor)
 
     # ------------------------------------------------------------------ prior
     def _prior_entries(self, prior: DiagonalGaussian, model: Optional[nn.Module]) -> list[Entry]:
@@ -194,30 +200,40 @@ class ContinualIVON(IVONPoCo):
         return out
 
     @torch.no_grad()
-    def _bind_prior(self, prior: DiagonalGaussian, model: Optional[nn.Module], copy_mean: bool) -> None:
+    def _bind_prior(self, prior: DiagonalGaussian, model: Optional[nn.Module], copy_mean: bool,
+                    anchor: Optional[DiagonalGaussian] = None) -> None:
         r"""Store :math:`m_0=m_{old}` (the anchor mean), :math:`\sigma_{old}` and :math:`\delta_v=p_{old}/\lambda`,
         and start :math:`\tilde h=h_0+\delta_v-\delta` (the posterior starts at the prior plus
-        :math:`\lambda h_0`)."""
+        :math:`\lambda h_0`).  With a separate ``anchor`` the anchor holds :math:`(m_{anc},\sigma_{anc})`,
+        and the state :math:`m_0` (``prior_mean``) and :math:`p_{anc}/\lambda` (``anchor_delta``, the clamp's cap)."""
         entries = self._prior_entries(prior, model)
+        a_entries = entries if anchor is None else self._prior_entries(anchor, model)
         means, rsqrt, ess_old = [], [], []
         self._prior_names = [e.name for e in entries]
-        it = iter(entries)
+        it, it_a = iter(entries), iter(a_entries)
         for g in self.param_groups:
             lam, wd = float(g["ess"]), float(g["weight_decay"])
             for p in self._trainable(g):
-                e = next(it)
+                e, ea = next(it), next(it_a)
                 st = self._state(p, g)
                 sd = st["hess"].dtype
                 m0 = e.mean.detach().to(p.device, sd, copy=True)
                 hw_old = (e.hess.detach().to(p.device, sd) + e.weight_decay)
                 if not bool((hw_old > 0).all()):
                     raise ValueError(f"prior {e.name!r}: precision ess*(hess+weight_decay) is not positive")
-                means.append(m0)
-                rsqrt.append(hw_old.rsqrt())
-                ess_old.append(float(e.ess))
+                hw_anc = hw_old
+                if anchor is not None:
+                    hw_anc = ea.hess.detach().to(p.device, sd) + ea.weight_decay
+                    if not bool((hw_anc > 0).all()):
+                        raise ValueError(f"anchor {ea.name!r}: precision ess*(hess+weight_decay) is not positive")
+                    st["prior_mean"] = m0
+                    st["anchor_delta"] = hw_anc.mul(ea.ess / lam)  # p_anc / λ
+                means.append(m0 if anchor is None else ea.mean.detach().to(p.device, sd, copy=True))
+                rsqrt.append(hw_anc.rsqrt())
+                ess_old.append(float(ea.ess))
                 st["prior_delta"] = hw_old.mul(e.ess / lam)  # δ_v = p_old / λ
                 st["hess"].add_(st["prior_delta"]).sub_(wd)  # h̃ = h0 + δ_v − δ
-                if copy_mean:
+                if copy_mean:  # the prior's mean
                     st.get("mean", p).copy_(m0)
                     if "mean" in st:
                         p.copy_(st["mean"])
@@ -232,7 +248,8 @@ class ContinualIVON(IVONPoCo):
         for g in self.param_groups:
             for p in self._trainable(g):
                 st = self.state[p]
-                entries.append(Entry(self._prior_names[o], self.anchor.mean[o].clone(), st["prior_delta"].clone(),
+                m0 = st["prior_mean"] if self.separate_anchor else self.anchor.mean[o]
+                entries.append(Entry(self._prior_names[o], m0.clone(), st["prior_delta"].clone(),
                                       float(g["ess"]), 0.0))
                 o += 1
         return DiagonalGaussian(entries)
@@ -270,8 +287,8 @@ class ContinualIVON(IVONPoCo):
                 cap = float(g["ess"]) / float(self.memory_weight or 1.0)
                 for p in self._trainable(g):
                     h = next(it)
-                    h.clamp_(min=0.0).copy_(torch.minimum(h, (self.state[p]["prior_delta"] - g["weight_decay"])
-                                                          .clamp(min=0.0).mul_(cap)))
+                    dv = self.state[p].get("anchor_delta", self.state[p]["prior_delta"])
+                    h.clamp_(min=0.0).copy_(torch.minimum(h, (dv - g["weight_decay"]).clamp(min=0.0).mul_(cap)))
         self.memory_hess = hs
 
     # ------------------------------------------------------------------ step
@@ -279,8 +296,12 @@ class ContinualIVON(IVONPoCo):
              memory: Optional[Callable[[], Tensor]] = None, batch_size: Optional[int] = None) -> Optional[Tensor]:
         """One step of (29): ``closure`` on a new batch; ``memory`` (needed with ``correction``) on a
         memory batch.  Both follow the ``torch.optim`` closure convention (backward, return the mean loss)."""
-        if closure is None:
-            raise SamplingError("ContinualIVON.step needs a closure")
+        if closure is None and self.data_size != 0:
+            raise SamplingError("ContinualIVON.step needs a closure on a new batch (step(None, memory=...) is for "
+                                "data_size=0.0, no new data)")
+        if closure is not None and self.data_size == 0:
+            raise ValueError("data_size=0.0 (no new data) gives the new batch zero weight: call step(None, "
+                             "memory=...) or set data_size to N_new")
         if self.replay and memory is None:
             raise ValueError("the posterior correction needs a replay memory: pass step(closure, memory=...) "
                              "(an empty memory cannot correct; use correction=False for the prior-focused method)")
@@ -288,10 +309,11 @@ class ContinualIVON(IVONPoCo):
         self.correction.alpha_now = 1.0
         self.correction.anchor_pass = self.replay
         try:
-            loss = super(IVONPoCo, self).step(closure)
+            loss = super(IVONPoCo, self).step(_no_new_data if closure is None else closure)
         finally:
             self._memory = None
-        self.correction.count_step(self.mc_samples * (3 if self.replay else 1), batch_size)
+        passes = (2 if closure is None else 3) if self.replay else 1
+        self.correction.count_step(self.mc_samples * passes, batch_size)
         return loss
 
     def sample(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -336,6 +358,17 @@ class ContinualIVON(IVONPoCo):
         memory = self._memory
         assert memory is not None
 
+        if closure is _no_new_data:  # data_size = 0: the memory alone, weighted N_old/λ
+            def only_memory() -> Tensor:
+                mem_loss = memory()
+                for params, _, w_old in self._weights():
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(w_old)
+                self.last_memory_loss = torch.as_tensor(mem_loss).detach()
+                return mem_loss
+            return only_memory, memory
+
         def inner() -> Tensor:
             """(N_new/λ)∇ℓ_new + (N_old/λ)∇ℓ_M at the same θ: one accumulator pair (linear in ĝ)."""
             loss = closure()
@@ -371,7 +404,7 @@ class ContinualIVON(IVONPoCo):
         root = math.sqrt(lam)
         a = self.anchor
         assert a.mean is not None
-        m0 = a.mean[o:o + n]
+        m0 = [self.state[p]["prior_mean"] for p in params] if self.separate_anchor else a.mean[o:o + n]
         h_t = [torch.mul(s, root, out=b).div_(r) for s, r, b in zip(ws["stat"], ws["rsqrt"], ws["s1"])]
         means = [self.state[p].get("mean", p) for p in params]
         g_t = ws["ghat"]
@@ -383,9 +416,10 @@ class ContinualIVON(IVONPoCo):
             shift = ws["prior_shift"] = [torch.empty_like(t) for t in h_t]
         diff = [torch.sub(m, mo, out=e) for m, mo, e in zip(means, m0, shift)]  # m − m0, reused below
         if self.correction.anchor_pass:
+            d_anc = [torch.sub(m, ma) for m, ma in zip(means, a.mean[o:o + n])] if self.separate_anchor else diff
             w_old = self.memory_weight / lam  # type: ignore[operator]
             r_out, e_out = a.extra["rsqrt"][o:o + n], a.extra["ess"][o:o + n]
-            for i, (gt, ht, d) in enumerate(zip(g_t, h_t, diff)):
+            for i, (gt, ht, d) in enumerate(zip(g_t, h_t, d_anc)):
                 h_out = torch.mul(ws["stat_out"][i], math.sqrt(e_out[i]), out=ws["s2"][i]).div_(r_out[i])
                 g_out = ws["grad_out"][i]
                 if snap is not None:
@@ -409,7 +443,7 @@ class ContinualIVON(IVONPoCo):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["vbpc"]["continual"] = {"correction": self.replay, "memory_weight": self.memory_weight,
-                                   "data_size": self.data_size,
+                                   "data_size": self.data_size, "separate_anchor": self.separate_anchor,
                                    "memory_hess": None if self.memory_hess is None else [t.clone() for t in
                                                                                          self.memory_hess]}
         return sd
@@ -421,112 +455,13 @@ class ContinualIVON(IVONPoCo):
         if bool(extra["correction"]) != self.replay:
             raise StateDictMismatchError(f"the checkpoint was saved with correction={extra['correction']}, "
                                          f"this learner has correction={self.replay}")
+        if bool(extra.get("separate_anchor", False)) != self.separate_anchor:
+            raise StateDictMismatchError(f"the checkpoint was saved with a separate anchor="
+                                         f"{bool(extra.get('separate_anchor', False))}, this learner has "
+                                         f"{self.separate_anchor} (build it with the same anchor=)")
         super().load_state_dict(state_dict)
         self.memory_weight = extra["memory_weight"]
         self.data_size = extra["data_size"]
         mh = extra.get("memory_hess")
         self.memory_hess = None if mh is None else [t.to(m.device, m.dtype).clone() for t, m in
                                                     zip(mh, self.anchor.mean or [])]
-
-
-# ============================================================================ eq. (30)
-@torch.no_grad()
-def pretrained_posterior(
-    model: nn.Module,
-    loss_fn: Callable[[Any], Tensor],
-    data: Iterable[Any],
-    *,
-    ess: float,
-    hess_init: float = 1.0,
-    weight_decay: float = 1e-4,
-    curvature: str = "price",
-    mean: str = "pretrained",
-    antithetic: bool = True,
-    mc_samples: int = 1,
-    max_examples: Optional[int] = None,
-    logits_fn: Optional[Callable[[Any], Tensor]] = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> DiagonalGaussian:
-    r"""The anchored posterior of a pretrained network, eq. (30):
-
-    .. math::
-        \bar h_{pre}=\max(0,\mathrm{mean}_C\hat h_C),\quad p_{pre}=\lambda_{pre}(\bar h_{pre}+\delta),\quad
-        \hat m_{pre}=\theta_{pre}\ \ \big(\texttt{"newton"}:\ \theta_{pre}-\tfrac{\bar g_{pre}+\delta\theta_{pre}}
-        {\bar h_{pre}+\delta}\big)
-
-    ``curvature``: ``"price"`` (eq. 5 at :math:`\sigma_c=1/\sqrt{\lambda_{pre}(h_0+\delta)}`, antithetic
-    :math:`\pm z` pairs by default), ``"gradsq"`` (:math:`|C|\,\hat g_C^2`, the batch estimate of the
-    empirical Fisher per example) or ``"fisher"`` (per-example MC Fisher with labels drawn from the
-    model's softmax; needs ``logits_fn(batch) -> logits``; one backward per example: small models).
-    Chunks are weighted by size (exact example means).  Returns a posterior with
-    ``ess=λ_pre``, ``weight_decay=δ``, bound to ``model``; the model is left unchanged and the
-    global RNG untouched."""
-    curv = parse_enum(Curvature, curvature, "curvature")
-    mean_at = parse_enum(PreMean, mean, "mean")
-    if not (0 < ess < math.inf and 0 < hess_init < math.inf and 0 <= weight_decay < math.inf):
-        raise ValueError(f"need finite ess > 0, hess_init > 0, weight_decay >= 0 (got {ess}, {hess_init}, "
-                         f"{weight_decay})")
-    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
-        raise ValueError(f"pretrained_posterior needs mc_samples >= 1 draws, got {mc_samples!r} (with none the "
-                         "curvature would come out all zeros)")
-    if curv is Curvature.FISHER and logits_fn is None:
-        raise ValueError("curvature='fisher' needs logits_fn(batch) -> logits (classification)")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params: list[Tensor] = [p for _, p in named]
-    names = [n for n, _ in named]
-    anchor = Anchor(params, seed=seed)
-    if curv is Curvature.PRICE:
-        sigma_c = 1.0 / math.sqrt(ess * (hess_init + weight_decay))
-        anchor.refresh(loss_fn, data, scale=[torch.full_like(p, sigma_c) for p in params], hessian=True,
-                       refresh_mc=mc_samples, antithetic=antithetic, names=names, model=model,
-                       max_examples=max_examples, progress=progress)
-        g_bar, h_bar = anchor.grad, anchor.hess
-    else:
-        gen = anchor.generator
-
-        def evaluate(batch: Any) -> tuple[list[Tensor], list[Tensor], int]:
-            with torch.enable_grad():
-                loss = loss_fn(batch)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            g = [torch.zeros_like(p) if x is None else x.detach() for p, x in zip(params, grads)]
-            if curv is Curvature.GRADSQ:
-                b = batch_size_of(batch)
-                return g, [x.square() * b for x in g], 1
-            h = [torch.zeros_like(p) for p in params]
-            with torch.enable_grad():
-                logits = logits_fn(batch)  # type: ignore[misc]
-                probs = F.softmax(logits.detach().float(), -1)
-                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
-                per = F.cross_entropy(logits, y, reduction="none")
-                for i in range(per.shape[0]):
-                    gi = torch.autograd.grad(per[i], params, retain_graph=i + 1 < per.shape[0], allow_unused=True)
-                    for acc, x in zip(h, gi):
-                        if x is not None:
-                            acc.add_(x.square(), alpha=1.0 / per.shape[0])
-            return g, h, 1 + per.shape[0]
-
-        g_bar, h_bar, _, _ = anchor.accumulate(evaluate, data, names=names, model=model,
-                                               max_examples=max_examples, progress=progress)
-    assert g_bar is not None and h_bar is not None
-    entries = []
-    for n, p, g, h in zip(names, params, g_bar, h_bar):
-        hb = h.clamp(min=0.0).to(torch.promote_types(p.dtype, torch.float32))
-        m = p.detach().to(hb.dtype, copy=True)
-        if mean_at is PreMean.NEWTON:
-            m = m - (g.to(hb) + weight_decay * m) / (hb + weight_decay)
-        entries.append(Entry(n, m, hb, float(ess), float(weight_decay)))
-    post = DiagonalGaussian(entries)
-    return post.bind(model)
-
-
-def cycle(batches: Iterable[Any]) -> Iterable[Any]:
-    """Cycle an iterable of replay-memory batches forever, pairing one with every new batch;
-    raises on an empty memory (the correction cannot be estimated from nothing)."""
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("the replay memory is empty: the posterior correction needs at least one example")

@@ -191,8 +191,8 @@ class ReplayCorrection:
         if not (self.memory_weight is not None and self.memory_weight > 0):
             raise ValueError("the replay correction needs memory_weight > 0: the number of old examples N_old "
                              "the replay memory stands for (eq. 29)")
-        if self.data_size is not None and not self.data_size > 0:
-            raise ValueError(f"invalid data_size={self.data_size!r}: must be > 0")
+        if self.data_size is not None and not (self.data_size >= 0 and math.isfinite(self.data_size)):
+            raise ValueError(f"invalid data_size={self.data_size!r}: must be finite and >= 0 (0: no new data)")
         if self.anchor_noise not in ANCHOR_NOISE:
             raise ValueError(f"invalid anchor_noise={self.anchor_noise!r}: one of {ANCHOR_NOISE}")
 
