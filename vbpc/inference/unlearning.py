@@ -326,6 +326,7 @@ def unlearn(
     retain_size: Optional[int] = None,
     steps: int = 0,
     lr: float = 0.05,
+    learner_kw: Optional[dict[str, Any]] = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Unlearned:
@@ -352,7 +353,9 @@ def unlearn(
         retain_data, retain_size, steps, lr: optional corrected steps after eq. (32): ``steps``
             :class:`~vbpc.ContinualIVON` steps with prior :math:`q_{rm}`, the replay correction of eq. (29) on
             batches of ``retain_data`` (a memory of retained examples, cycled) anchored at :math:`q_{old}`,
-            weighted by ``retain_size`` (:math:`N_{ret}`, the number of retained examples), at learning rate ``lr``.
+            weighted by ``retain_size`` (:math:`N_{ret}`, the number of retained examples), at learning rate ``lr``;
+            ``learner_kw`` are further :class:`~vbpc.ContinualIVON` arguments (defaults ``hess_init=1e-6``,
+            ``beta2=0.999``: the posterior starts at :math:`q_{rm}`).
         seed: the draws' generator (the global RNG is untouched).
 
     Returns an :class:`Unlearned` with the new posterior (bound to ``model``), the clamp count and the cost.
@@ -393,7 +396,7 @@ def unlearn(
     if steps:
         assert retain_data is not None and retain_size is not None
         q_rm, step_evals = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, float(retain_size),
-                                            steps, lr, seed)
+                                            steps, lr, seed, dict(learner_kw or {}))
         evals += step_evals
         record.update(method="eq32+poco", steps=steps, lr=lr, retain_size=retain_size)
     record["grad_evals"] = evals
@@ -402,5 +405,43 @@ def unlearn(
 
 def _corrected_steps(q_rm: GaussianPosterior, q_old: GaussianPosterior, model: nn.Module,
                      loss_fn: Callable[[Any], Tensor], retain_data: Iterable[Any], retain_size: float, steps: int,
-                     lr: float, seed: int) -> tuple[GaussianPosterior, int]:
-    raise NotImplementedError
+                     lr: float, seed: int, learner_kw: dict[str, Any]) -> tuple[GaussianPosterior, int]:
+    r"""``steps`` corrected steps from :math:`q_{rm}`: :class:`~vbpc.ContinualIVON` with prior :math:`q_{rm}`,
+    anchor :math:`q_{old}`, no new data and the retained memory weighted by :math:`N_{ret}` (eq. 29 with
+    :math:`N_{new}=0`).  The model's weights are restored; returns a frozen copy of the posterior and the
+    per-example gradient evaluations (two passes per memory example: at :math:`q` and at :math:`q_{old}`)."""
+    from .continual import ContinualIVON, cycle
+
+    if not (isinstance(q_rm, DiagonalGaussian) and isinstance(q_old, DiagonalGaussian)):
+        raise ValueError("corrected steps after eq. (32) are implemented for the diagonal family (IVON's); "
+                         "use steps=0 for a FullGaussian")
+    ess = {float(e.ess) for e in q_old._entries}
+    wd = {float(e.weight_decay) for e in q_old._entries}
+    if len(ess) != 1 or len(wd) != 1:
+        raise ValueError("corrected steps need one ess and one weight_decay across the posterior's tensors")
+    targets = [e.target for e in q_rm._entries]
+    saved = [t.detach().clone() for t in targets]  # type: ignore[union-attr]
+    kw = {"hess_init": 1e-6, "beta2": 0.999, **learner_kw}
+    try:
+        opt = ContinualIVON(targets, lr=lr, ess=ess.pop(), prior=q_rm, anchor=q_old, model=model, correction=True,
+                            memory_weight=retain_size, data_size=0.0, start="prior", weight_decay=wd.pop(), **kw)
+        evals = 0
+        batches = iter(cycle(retain_data))
+        with torch.random.fork_rng(devices=[]):  # reproducible from ``seed``; the caller's RNG is untouched
+            torch.manual_seed(seed)
+            for _ in range(steps):
+                batch = next(batches)
+
+                def memory(batch: Any = batch) -> Tensor:
+                    opt.zero_grad()
+                    loss = loss_fn(batch)
+                    loss.backward()
+                    return loss
+                opt.step(None, memory=memory)
+                evals += 2 * opt.mc_samples * batch_size_of(batch)
+        post = DiagonalGaussian.from_state_dict(opt.posterior(model).state_dict())
+    finally:
+        with torch.no_grad():
+            for t, v in zip(targets, saved):
+                t.copy_(v)  # type: ignore[union-attr]
+    return post.bind(model), evals
