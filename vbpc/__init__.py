@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the names below load on first use (PEP 562): `import vbpc` 
     from .inference.correction import PoCo, ReplayCorrection
     from .inference.ivon import IVON
     from .inference.ivon_poco import IVONPoCo, IVONPoCoMo
+    from .inference.unlearning import Unlearned, unlearn
     from .inference.von import VON, VONPoCo
     from .inference.vsgd import SVRG, VSGD, AlphaSVRG, VSGDPoCo
     from .integrations.pyro import BayesByBackprop, to_pyro, to_pyro_guide, to_pyro_model
@@ -37,6 +38,7 @@ _LAZY = {
     **dict.fromkeys(["VON", "VONPoCo"], "inference.von"),
     **dict.fromkeys(["PoCo", "ReplayCorrection"], "inference.correction"),
     **dict.fromkeys(["ContinualIVON", "pretrained_posterior"], "inference.continual"),
+    **dict.fromkeys(["unlearn", "Unlearned"], "inference.unlearning"),
     **dict.fromkeys(["GaussianPosterior", "DiagonalGaussian", "IsotropicGaussian", "FullGaussian", "merge_posteriors",
                      "task_arithmetic"], "posterior"),
     **dict.fromkeys(["Scope", "select_parameters"], "scope"),
@@ -82,6 +84,8 @@ __all__ = [
     "pretrained_posterior",
     "merge_posteriors",
     "task_arithmetic",
+    "unlearn",
+    "Unlearned",
     # posteriors and what they cover
     "GaussianPosterior",
     "DiagonalGaussian",
