@@ -286,3 +286,24 @@ def test_corrected_steps_on_the_retained_data_move_toward_the_retained_map():
     assert dist(fixed.posterior) < 0.8 * dist(alone.posterior), (dist(fixed.posterior), dist(alone.posterior))
     assert fixed.record["method"] == "eq32+poco" and fixed.grad_evals == alone.grad_evals + 300 * 2 * 1600
     assert torch.equal(model.weight, q_old.mean["weight"])  # the model is left as it was
+
+
+def test_a_tempered_posterior_divides_out_sites_of_weight_ess_over_n():
+    """IVON with ess λ ≠ N holds each site as exp(−(λ/N)ℓ_j): S = λδ + (λ/N)Σa_j.  With data_size=N the
+    removed weight is λ/N and the result is exact; without it (weight 1) it is not."""
+    a, b = _separable()
+    n, lam = len(a), 30.0
+    s_all = lam * DELTA + (lam / n) * a.sum(0)
+    m_all = (lam / n) * (a * b).sum(0) / s_all
+    model = _Vec(4)
+    post = vbpc.DiagonalGaussian([Entry("theta", m_all.clone(), s_all / lam - DELTA, lam, DELTA)]).bind(model)
+    rm, keep = [0, 5], [i for i in range(n) if i not in (0, 5)]
+    s_ret = lam * DELTA + (lam / n) * a[keep].sum(0)
+    m_ret = (lam / n) * (a[keep] * b[keep]).sum(0) / s_ret
+    out = unlearn(post, model, _quad_loss(model), [(a[rm], b[rm])], curvature="exact", mc_samples=0, data_size=n)
+    torch.testing.assert_close(out.posterior.precision["theta"], s_ret, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.posterior.mean["theta"], m_ret, rtol=0, atol=1e-10)
+    wrong = unlearn(post, model, _quad_loss(model), [(a[rm], b[rm])], curvature="exact", mc_samples=0)
+    assert float((wrong.posterior.precision["theta"] - s_ret).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="data_size"):
+        unlearn(post, model, _quad_loss(model), [(a[rm], b[rm])], curvature="exact", mc_samples=0, data_size=1)

@@ -320,6 +320,7 @@ def unlearn(
     antithetic: bool = True,
     inputs: Callable[[Any], Tensor] = lambda batch: batch[0],
     floor: Optional[float] = None,
+    data_size: Optional[float] = None,
     forget_index: Any = None,
     train_index: Any = None,
     retain_data: Optional[Iterable[Any]] = None,
@@ -345,6 +346,9 @@ def unlearn(
             cross-entropy on ``model(inputs(batch))``), ``"exact"`` (diagonal or full, dense Hessian, d ≤ 5000).
         mc_samples: draws from :math:`q_{old}` per chunk for the expectations (0: at the mean; not ``price``).
         antithetic: evaluate each draw as a :math:`\pm z` pair (exact means for quadratic losses).
+        data_size: :math:`N`, the number of examples the posterior was fitted on.  A diagonal posterior
+            with ``ess`` :math:`\lambda\ne N` (tempered) holds each example's site with weight :math:`\lambda/N`,
+            and that is the weight divided out; ``None`` means :math:`\lambda=N` (weight 1, IVON's default).
         floor: the diagonal precision floor (default :math:`\lambda\delta`, the prior's); for the full family
             the eigenvalue floor (default: refuse an indefinite result).
         forget_index, train_index: optional example indices of the forget set and of the training data
@@ -384,7 +388,15 @@ def unlearn(
     if idx is not None and len(idx) != n:
         raise ValueError(f"forget_index names {len(idx)} examples but forget_data holds {n}: they must describe "
                          "the same forget set")
-    q_rm, clamped = newton_removal(posterior, [g * n for g in g_bar], [h * n for h in h_bar], floor=floor)
+    if data_size is not None and not (0 < data_size < math.inf and data_size >= n):
+        raise ValueError(f"data_size={data_size!r}: the number of training examples, finite and >= the {n} "
+                         "examples to forget")
+    if isinstance(posterior, FullGaussian):  # sum-scale precision: every site weighs 1
+        g_w, h_w = [float(n)] * len(g_bar), [float(n)]
+    else:  # the sites weigh λ/N in a posterior fitted with ess λ on N examples
+        g_w = h_w = [n * (1.0 if data_size is None else float(e.ess) / data_size) for e in posterior._entries]
+    q_rm, clamped = newton_removal(posterior, [g * w for g, w in zip(g_bar, g_w)], [h * w for h, w in zip(h_bar, h_w)],
+                                   floor=floor)
     q_rm.bind(model)
     record: dict[str, Any] = {
         "method": "eq32", "n_forget": n, "curvature": parse_enum(UnlearnCurvature, curvature, "curvature").value,
@@ -395,7 +407,8 @@ def unlearn(
         record["forget_index_sha256"] = hashlib.sha256(",".join(map(str, sorted(idx))).encode()).hexdigest()
     if steps:
         assert retain_data is not None and retain_size is not None
-        q_rm, step_evals = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, float(retain_size),
+        n_ret = float(retain_size) * (1.0 if data_size is None else float(posterior._entries[0].ess) / data_size)
+        q_rm, step_evals = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, n_ret,
                                             steps, lr, seed, dict(learner_kw or {}))
         evals += step_evals
         record.update(method="eq32+poco", steps=steps, lr=lr, retain_size=retain_size)
