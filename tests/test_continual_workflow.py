@@ -48,9 +48,12 @@ def test_quick_config_runs_end_to_end(tmp_path, capsys, config):
                "--set", f"tasks.n_tasks={n}", *sum((["--set", s] for s in TINY), [])])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| poco |" in out and "| vcl |" in out and "| naive |" in out and "| adamw |" in out
+    for meth in ("naive", "vcl", "laplace", "poco", "poco-tempered", "adamw"):
+        assert f"| {meth} |" in out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 2 * n
+    assert len(rows) == 6 * 2 * n
+    # the end-of-task curvature pass ran (laplace, poco); its clamp count is logged
+    assert all("old_posterior_clamped" in r for r in rows if r["method"] in ("laplace", "poco", "poco-tempered"))
     for r in rows:
         assert len(r["acc"]) == r["task"] and 0.0 <= r["ece"] <= 1.0
         assert r["avg_acc"] == pytest.approx(sum(r["acc"]) / len(r["acc"]))
@@ -60,7 +63,9 @@ def test_quick_config_runs_end_to_end(tmp_path, capsys, config):
     chance = 0.5 if config == "continual_split" else 0.1
     assert min(r["acc"][0] for r in first if r["method"] != "adamw") > chance + 0.2  # real learning, even this tiny
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["summary"]) == {"naive", "vcl", "poco", "adamw"}
+    assert set(res["summary"]) == {"naive", "vcl", "laplace", "poco", "poco-tempered", "adamw"}
+    assert res["config"]["tasks"]["memory_weight"] is None  # the shipped configs use the unbiased N_old
+    assert res["config"]["tasks"]["clamp_memory_curvature"] is False
     assert (tmp_path / "continual.png").stat().st_size > 10_000
     ck = checkpoint.load(tmp_path / "poco_seed1.safetensors")
     assert ck.posterior is not None and ck.extra["method"] == "poco"
@@ -72,6 +77,13 @@ def test_bad_input(tmp_path):
         run_continual(cfg)
     with pytest.raises(ConfigError, match="methods"):
         run_continual(load_config(None, [f"out={tmp_path}", "methods=[ewc]"], cls=ContinualConfig))
+    with pytest.raises(ConfigError, match="old_posterior"):
+        load_config(None, ["tasks.old_posterior=laplace"], cls=ContinualConfig)
+    with pytest.raises(ConfigError, match="memory_curvature_every"):
+        load_config(None, ["tasks.memory_curvature_every=0"], cls=ContinualConfig)
+    with pytest.raises(ConfigError, match="replay memory"):
+        run_continual(load_config(None, [f"out={tmp_path}", "tasks.memory_per_task=0", "methods=[poco-tempered]",
+                                         *TINY[:2]], cls=ContinualConfig))
     with pytest.raises(ConfigError, match="did you mean 'tasks.memory_per_task'"):
         load_config(None, ["tasks.memory_per_tsk=3"], cls=ContinualConfig)
     with pytest.raises(ConfigError, match=r"seeds\[1\]: expected an integer"):

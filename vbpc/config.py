@@ -194,7 +194,22 @@ class TasksConfig:
     epochs: int = setting(1, help="epochs per task")
     memory_per_task: int = setting(200, help="replay-memory examples kept from each old task (method poco)")
     memory_batch_size: int = 128
-    memory_weight: Optional[float] = setting(None, help="N_old of eq. (29) (None: the old tasks' sizes, unbiased)")
+    memory_weight: Optional[float] = setting(None, help="N_old of eq. (29) for method poco (None: the old tasks' "
+                                             "sizes, unbiased)")
+    tempered_weight: float = setting(2000.0, help="N_old of eq. (29) for method poco-tempered (a tempered memory "
+                                     "weight, reported next to the unbiased poco)")
+    old_posterior: str = setting("curvature", help="the old posterior of poco/poco-tempered at the end of a task: "
+                                 "curvature (a curvature pass at the final mean), converge (more IVON epochs until h "
+                                 "converged) or ivon (IVON's posterior as it is)")
+    old_posterior_mc: int = setting(1, help="antithetic draws of the end-of-task curvature pass (methods laplace, "
+                                    "poco with old_posterior=curvature)")
+    converge_tol: float = setting(0.01, help="old_posterior=converge: stop when ||h_after - h_before|| / ||h_before|| "
+                                  "over an epoch is below this")
+    converge_max_epochs: int = setting(10, help="old_posterior=converge: at most this many extra epochs")
+    clamp_memory_curvature: bool = setting(False, help="clamp (N_old/λ) h̄_M(q_old) to [0, δ_v − δ] "
+                                           "(set_memory_curvature; needed only for old_posterior=ivon)")
+    memory_curvature_every: Optional[int] = setting(40, help="re-draw h̄_M(q_old) every k steps (running mean; None: "
+                                                    "once per task)")
     ess: str = setting("task", help="λ of task t: 'task' (N_new; the memory weighs N_old/N_new) or 'all' "
                        "(every example seen)")
     memory_curvature_mc: int = setting(4, help="antithetic draws for the memory's Hessian under q_old "
@@ -209,7 +224,8 @@ class ContinualConfig:
     model: ModelConfig = field(default_factory=_mlp256)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     learner: LearnerConfig = field(default_factory=_fmnist_ivon)
-    methods: list[str] = setting(default_factory=lambda: ["naive", "vcl", "poco"], help="naive, vcl, poco, adamw")
+    methods: list[str] = setting(default_factory=lambda: ["naive", "vcl", "poco"],
+                                 help="naive, vcl, laplace, poco, poco-tempered, adamw")
     adamw_lr: float = setting(1e-3, help="learning rate of the adamw (naive finetuning) baseline")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     test_samples: int = setting(8, help="posterior samples of the BMA evaluation (0: mean weights)")
@@ -358,8 +374,12 @@ def _checks() -> dict[Any, dict[str, Check]]:
         TasksConfig: {"scenario": one_of("split", "permuted"), "n_tasks": positive, "train_size": positive,
                       "test_size": positive, "batch_size": positive, "epochs": positive,
                       "memory_per_task": nonneg, "memory_batch_size": positive, "memory_weight": positive,
-                      "ess": one_of("task", "all"), "memory_curvature_mc": positive, "root": existing_dir},
-        ContinualConfig: {"methods": each(one_of("naive", "vcl", "poco", "adamw")), "adamw_lr": positive,
+                      "ess": one_of("task", "all"), "memory_curvature_mc": positive, "root": existing_dir,
+                      "tempered_weight": positive, "old_posterior": one_of("curvature", "converge", "ivon"),
+                      "old_posterior_mc": positive, "converge_tol": positive, "converge_max_epochs": positive,
+                      "memory_curvature_every": positive},
+        ContinualConfig: {"methods": each(one_of("naive", "vcl", "laplace", "poco", "poco-tempered", "adamw")),
+                          "adamw_lr": positive,
                           "seeds": each(seed), "test_samples": nonneg, "out": path},
         MergeConfig: {"base_size": positive, "base_epochs": positive, "seeds": each(seed), "out": path},
     }

@@ -51,9 +51,8 @@ from .._enums import parse_enum
 from ..errors import SamplingError, StateDictMismatchError
 from ..posterior import DiagonalGaussian, Entry
 from .correction import ReplayCorrection
-from .curvature import Curvature, PreMean, cycle, pretrained_posterior
+from .curvature import Curvature, PreMean, cycle, laplace_posterior, pretrained_posterior, price_curvature
 from .ivon_poco import IVONPoCo
-from .poco import Anchor
 
 __all__ = ["ContinualIVON", "pretrained_posterior", "cycle", "Curvature", "PreMean", "Start"]
 
@@ -170,6 +169,7 @@ class ContinualIVON(IVONPoCo):
         self._memory: Optional[Callable[[], Tensor]] = None
         self.separate_anchor = anchor is not None  # prior term at m_0, correction terms at m_anc
         self._memory_source: Optional[tuple[Callable[[Any], Tensor], list[Any], dict[str, Any]]] = None
+        self._memory_raw: Optional[list[Tensor]] = None  # running mean of the h̄_M(q_old) draws (unclamped)
         self._bind_prior(prior, model, start_at is Start.PRIOR, anchor)
 
     # ------------------------------------------------------------------ prior
@@ -257,31 +257,59 @@ class ContinualIVON(IVONPoCo):
     @torch.no_grad()
     def set_memory_curvature(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, mc_samples: int = 1,
                              model: Optional[nn.Module] = None, seed: int = 0, clamp: bool = True,
-                             progress: bool = False) -> None:
+                             every: Optional[int] = None, progress: bool = False) -> None:
         r"""Estimate :math:`\bar h_{\mathcal M}(q_{old})`, the memory's mean diagonal Hessian under the
-        prior, once (antithetic Price pairs at :math:`m_{old}\pm\sigma_{old}z`, chunks weighted by
-        size, as eq. 30) and use it in the gradient term :math:`-\hat h_{\mathcal M}(q_{old})\odot(m-m_{old})`
-        of (29) instead of the per-step sample estimate.  Still unbiased (the term is linear in the
-        memory batch), and without the :math:`z\odot\nabla\bar\ell/\sigma_{old}` noise that grows with
-        :math:`\|m-m_{old}\|` [vbpc].  ``loss_fn(batch)``: mean loss of a memory chunk.
+        anchor (:func:`~vbpc.inference.curvature.price_curvature`: antithetic Price pairs at
+        :math:`m_{old}\pm\sigma_{old}z`, chunks weighted by size, as eq. 30) and use it in the gradient
+        term :math:`-\hat h_{\mathcal M}(q_{old})\odot(m-m_{old})` of (29) instead of the per-step sample
+        estimate.  Still unbiased (the term is linear in the memory batch), and without the
+        :math:`z\odot\nabla\bar\ell/\sigma_{old}` noise that grows with :math:`\|m-m_{old}\|` [vbpc].
+        ``loss_fn(batch)``: mean loss of a memory chunk.
 
-        ``clamp`` (default) keeps :math:`0\le\frac{N_{old}}\lambda\bar h_{\mathcal M}\le\delta_v-\delta`: the
-        term removes old curvature *already in* :math:`p_{old}`, so it never removes more than
-        :math:`p_{old}-\lambda\delta` holds, nor adds any (a negative Price estimate would push
-        :math:`m` away from :math:`m_{old}`).  Without it, an old posterior whose IVON :math:`h` had not
-        converged (β2 near 1, few steps) makes the diagonal quadratic model indefinite and the
-        run diverges (seen on permuted Fashion-MNIST) [vbpc]."""
+        ``every``: re-draw every ``every`` steps (seeds ``seed+1, seed+2, …``) and use the running mean of
+        all :math:`J` draws so far, :math:`\bar h^{(J)}=\frac1J\sum_{j<J}\bar h_j`.  A single draw keeps its
+        Monte-Carlo error for the whole task, and the solution moves by it (a single-run bias); the
+        running mean shrinks it like :math:`1/\sqrt J`.  ``None``: one draw.  ``counters``:
+        ``memory_curvature_draws``, and the passes in ``refresh_passes``/``refresh_examples``.
+
+        ``clamp`` keeps :math:`0\le\frac{N_{old}}\lambda\bar h_{\mathcal M}\le\delta_v-\delta`
+        (:math:`p_{anc}/\lambda-\delta` with a separate ``anchor``): the term removes old curvature
+        *already in* :math:`p_{old}`, so it never removes more than :math:`p_{old}-\lambda\delta` holds, nor
+        adds any.  It is needed only when :math:`q_{old}` is not a posterior of the learning rule (an IVON
+        :math:`h` that had not converged, β2 near 1, few steps: the diagonal quadratic model is then
+        indefinite and the run diverges, seen on permuted Fashion-MNIST) [vbpc]; with an old posterior
+        from a curvature pass (:meth:`laplace_posterior`) it can stay off."""
+        if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            raise ValueError(f"every={every!r}: an int >= 1 (steps between re-draws) or None (one draw)")
+        self._memory_source = (loss_fn, list(data), {"mc_samples": mc_samples, "seed": int(seed), "clamp": bool(clamp),
+                                                     "every": every, "draws": 0, "progress": progress,
+                                                     "model": self._norm.model if model is None else model})
+        self._memory_raw = None
+        self._draw_memory_curvature()
+
+    @torch.no_grad()
+    def _draw_memory_curvature(self) -> None:
+        """One more draw of h̄_M(q_old), folded into the running mean (then clamped into memory_hess)."""
+        assert self._memory_source is not None
+        loss_fn, data, o = self._memory_source
         a = self.anchor
         assert a.mean is not None
         params = self._anchor_params()
         scale = [r.div(math.sqrt(e)) for r, e in zip(a.extra["rsqrt"], a.extra["ess"])]
-        probe = Anchor(params, seed=seed)
-        probe.refresh(loss_fn, data, scale=scale, hessian=True, refresh_mc=mc_samples, antithetic=True,
-                      means=a.mean, names=self._names(params), model=self._norm.model if model is None else model,
-                      progress=progress)
-        assert probe.hess is not None
-        hs = [h.to(m.device, m.dtype) for h, m in zip(probe.hess, a.mean)]
-        if clamp:  # 0 <= (N_old/λ) h̄_M <= δ_v − δ: never remove more old curvature than p_old holds
+        hs, passes, evals = price_curvature(params, loss_fn, data, means=a.mean, sigma=scale,
+                                            mc_samples=o["mc_samples"], seed=o["seed"] + o["draws"],
+                                            names=self._names(params), model=o["model"], progress=o["progress"])
+        o["draws"] += 1
+        if self._memory_raw is None:
+            self._memory_raw = hs
+        else:
+            for acc, h in zip(self._memory_raw, hs):
+                acc.add_(h.sub(acc), alpha=1.0 / o["draws"])
+        hs = [h.clone() for h in self._memory_raw]
+        c = self.correction.counters
+        c["memory_curvature_draws"] = c.get("memory_curvature_draws", 0) + 1
+        self.correction.count_refresh(passes, evals)
+        if o["clamp"]:  # 0 <= (N_old/λ) h̄_M <= δ_v − δ: never remove more old curvature than p_old holds
             it = iter(hs)
             for g in self.param_groups:
                 cap = float(g["ess"]) / float(self.memory_weight or 1.0)
@@ -290,6 +318,40 @@ class ContinualIVON(IVONPoCo):
                     dv = self.state[p].get("anchor_delta", self.state[p]["prior_delta"])
                     h.clamp_(min=0.0).copy_(torch.minimum(h, (dv - g["weight_decay"]).clamp(min=0.0).mul_(cap)))
         self.memory_hess = hs
+
+    def laplace_posterior(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
+                          memory: Optional[Iterable[Any]] = None, floor: bool = True, mc_samples: int = 4,
+                          seed: int = 0, model: Optional[nn.Module] = None,
+                          progress: bool = False) -> tuple[DiagonalGaussian, int]:
+        r"""The posterior at the end of the task from a curvature pass at the final mean
+        (:func:`~vbpc.inference.curvature.laplace_posterior`), with the same terms as this learner's
+        precision :math:`\lambda h+p_{prior}` and :math:`h` replaced by its target at :math:`q`:
+
+        .. math:: p=\max\Big(p_q,\ p_{prior}+N_{new}\bar h_{new}(q)+N_{old}\big[\bar h_{\mathcal M}(q)-
+            \bar h_{\mathcal M}(q_{old})\big]\Big)
+
+        (the bracket with ``memory``, the memory chunks, and needs :meth:`set_memory_curvature`: its
+        :math:`\bar h_{\mathcal M}(q_{old})` is the one the correction used, so the old curvature the
+        correction removed is the curvature added back).  ``data``: the new task's chunks.  Returns the
+        posterior and the number of precision entries clamped at :math:`\lambda\delta`."""
+        mdl = self._norm.model if model is None else model
+        if mdl is None:
+            raise ValueError("laplace_posterior needs model= (the learner was built without one)")
+        terms: list[tuple[float, list[Tensor]]] = []
+        if memory is not None:
+            if not self.replay or self.memory_hess is None:
+                raise ValueError("laplace_posterior(memory=...) needs correction=True and set_memory_curvature "
+                                 "(the h̄_M(q_old) the correction removed)")
+            post = self.posterior(mdl)
+            params = self._anchor_params()
+            sigma = [e.precision().rsqrt_() for e in post._entries]
+            h_m, _, _ = price_curvature(params, loss_fn, list(memory), means=[e.mean for e in post._entries],
+                                        sigma=sigma, mc_samples=mc_samples, seed=seed + 1, names=self._names(params),
+                                        model=mdl, progress=progress)
+            terms.append((float(self.memory_weight or 0.0), [a - b for a, b in zip(h_m, self.memory_hess)]))
+        n_new = float(self.param_groups[0]["ess"]) if self.data_size is None else self.data_size
+        return laplace_posterior(self.posterior(mdl), self.prior(), mdl, loss_fn, data, data_size=n_new, terms=terms,
+                                 floor=floor, mc_samples=mc_samples, seed=seed, progress=progress)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]
@@ -314,6 +376,9 @@ class ContinualIVON(IVONPoCo):
             self._memory = None
         passes = (2 if closure is None else 3) if self.replay else 1
         self.correction.count_step(self.mc_samples * passes, batch_size)
+        src = self._memory_source
+        if src is not None and src[2]["every"] is not None and self.correction.t % src[2]["every"] == 0:
+            self._draw_memory_curvature()  # the scheduled re-draw (running mean)
         return loss
 
     def sample(self, closure: Callable[[], Tensor]) -> Tensor:

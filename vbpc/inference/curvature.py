@@ -17,7 +17,8 @@ from .._enums import parse_enum
 from ..posterior import DiagonalGaussian, Entry
 from .poco import Anchor, batch_size_of
 
-__all__ = ["pretrained_posterior", "cycle", "Curvature", "PreMean", "CURVATURES", "PRE_MEANS"]
+__all__ = ["pretrained_posterior", "cycle", "Curvature", "PreMean", "CURVATURES", "PRE_MEANS", "price_curvature",
+           "laplace_posterior", "converge_hessian"]
 
 
 class Curvature(str, enum.Enum):
@@ -140,3 +141,107 @@ def cycle(batches: Iterable[Any]) -> Iterable[Any]:
             yield b
         if empty:
             raise ValueError("the replay memory is empty: the posterior correction needs at least one example")
+
+
+# ============================================================================ old posteriors (§8)
+@torch.no_grad()
+def price_curvature(params: list[Tensor], loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
+                    means: list[Tensor], sigma: list[Tensor], mc_samples: int = 1, seed: int = 0,
+                    names: Optional[list[str]] = None, model: Optional[nn.Module] = None,
+                    progress: bool = False) -> tuple[list[Tensor], int, int]:
+    r"""The mean diagonal Hessian of ``data`` under :math:`q=\mathcal N(m,\mathrm{diag}(\sigma^2))` by
+    antithetic Price pairs (eq. 5 at :math:`m\pm\sigma\odot z`, chunks weighted by size, as eq. 30):
+
+    .. math:: \bar h(q)=\mathrm{mean}_C\,\tfrac1{2S}\textstyle\sum_{s\le S}\big(z_s\odot\nabla\bar\ell_C(m+\sigma
+        z_s)-z_s\odot\nabla\bar\ell_C(m-\sigma z_s)\big)/\sigma
+
+    The one estimator of both :meth:`vbpc.ContinualIVON.set_memory_curvature` (the memory under
+    :math:`q_{old}`) and :func:`laplace_posterior` (the data part of :math:`p_{old}`), so the two
+    agree (docs/algorithms.md §8).  ``z`` comes from a generator seeded with ``seed``; the global RNG
+    and ``params`` are left unchanged.  Returns ``(h̄, passes, gradient evaluations)``."""
+    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    probe = Anchor(params, seed=seed)
+    passes = probe.refresh(loss_fn, data, scale=sigma, hessian=True, refresh_mc=mc_samples, antithetic=True,
+                           means=means, names=names or [f"params[{i}]" for i in range(len(params))], model=model,
+                           progress=progress)
+    assert probe.hess is not None
+    hs = [h.to(m.device, m.dtype) for h, m in zip(probe.hess, means)]
+    return hs, passes, probe.examples * 2 * mc_samples
+
+
+@torch.no_grad()
+def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, model: nn.Module,
+                      loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, data_size: float,
+                      terms: Iterable[tuple[float, list[Tensor]]] = (), floor: bool = True, mc_samples: int = 4,
+                      seed: int = 0, progress: bool = False) -> tuple[DiagonalGaussian, int]:
+    r"""An old posterior that is a posterior: a curvature pass at the final mean (docs/algorithms.md §8)
+
+    .. math:: m_{old}=m,\qquad p_{old}=\max\big(\lambda\delta,\ p_q,\ p_{prior}+N\,\bar h_{\mathcal D}(q)
+        +\textstyle\sum_k w_k d_k\big)
+
+    with :math:`\bar h_{\mathcal D}(q)` from :func:`price_curvature` over ``data`` (``N=data_size``
+    examples) at the learner's final :math:`q=(m,\sigma)` (``posterior``), :math:`p_{prior}` the
+    precision of the task's prior and ``terms`` extra weighted curvatures (the replay correction's
+    :math:`N_{old}[\bar h_{\mathcal M}(q)-\bar h_{\mathcal M}(q_{old})]`,
+    :meth:`vbpc.ContinualIVON.laplace_posterior`).  IVON's own precision :math:`\lambda(h+\delta)` is
+    an EMA that after one epoch at β2 = 0.999 has barely left :math:`h_0`; this pass gives the
+    precision the next task's correction (29) assumes (:math:`q_{old}` a fixed point).  With
+    ``terms=()`` and :math:`p_{prior}` the previous task's :math:`p_{old}` it is online Laplace (EWC).
+    ``floor`` (default) keeps at least the learner's own precision :math:`p_q`: IVON's EMA lags behind the
+    data curvature in both directions, below it where the curvature is large (what destabilises (29)) and
+    above it where the data are flat (:math:`h_0`); the pass raises the first and keeps the second, where a
+    weak prior would otherwise leave :math:`\sigma\approx1/\sqrt{\lambda\delta}` (≈3 for an MLP with δ=1e-4,
+    which ruins the BMA and the next task's samples) [vbpc, measured].
+    Returns the posterior (``ess``/``weight_decay`` of ``posterior``; bound to ``model``) and the
+    number of entries clamped at :math:`\lambda\delta`."""
+    if not (data_size >= 0 and math.isfinite(data_size)):
+        raise ValueError(f"invalid data_size={data_size!r}: must be finite and >= 0")
+    names = [e.name for e in posterior._entries]
+    by_name = {e.name: e for e in prior._entries}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"the prior has no entry for {missing[0]!r}")
+    named = dict(model.named_parameters())
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"{missing[0]!r} is not a parameter of model")
+    params: list[Tensor] = [named[n] for n in names]
+    means = [e.mean.detach() for e in posterior._entries]
+    sigma = [e.precision().rsqrt_() for e in posterior._entries]
+    h_bar, _, _ = price_curvature(params, loss_fn, data, means=means, sigma=sigma, mc_samples=mc_samples, seed=seed,
+                                  names=names, model=model, progress=progress)
+    extra = list(terms)
+    entries, clamped = [], 0
+    for i, e in enumerate(posterior._entries):
+        p = by_name[e.name].precision().to(h_bar[i]) + data_size * h_bar[i]
+        for w, d in extra:
+            p = p + w * d[i].to(p)
+        if floor:
+            p = torch.maximum(p, e.precision().to(p))
+        hess = p.div_(e.ess).sub_(e.weight_decay)
+        clamped += int((hess < 0).sum())
+        entries.append(Entry(e.name, e.mean.detach().clone(), hess.clamp_(min=0.0), e.ess, e.weight_decay))
+    return DiagonalGaussian(entries).bind(model), clamped
+
+
+def converge_hessian(opt: Any, run_epoch: Callable[[], Any], *, tol: float = 0.01, max_epochs: int = 20) -> int:
+    r"""Continue IVON epochs until :math:`h` has converged: stop after the first epoch with
+    :math:`\lVert h_{after}-h_{before}\rVert_2/\lVert h_{before}\rVert_2<` ``tol`` (all tensors
+    together), or after ``max_epochs``; returns the epochs run.  ``run_epoch()`` runs one epoch of
+    ``opt.step`` calls.  At β2 = 0.999 an epoch of ~80 steps moves :math:`h` only ~8% toward its
+    target, so the criterion is met late (or not at all within ``max_epochs``): the curvature pass
+    (:func:`laplace_posterior`) is the cheaper way to a consistent old posterior (docs/algorithms.md §8)."""
+    if not (tol > 0 and isinstance(max_epochs, int) and max_epochs >= 1):
+        raise ValueError(f"converge_hessian needs tol > 0 and max_epochs >= 1 (got {tol!r}, {max_epochs!r})")
+    params = [p for g in opt.param_groups for p in g["params"] if p in opt.state and "hess" in opt.state[p]]
+    if not params:
+        raise ValueError("converge_hessian: the learner has no IVON state yet; run at least one step first")
+    for epoch in range(1, max_epochs + 1):
+        before = [opt.state[p]["hess"].detach().clone() for p in params]
+        run_epoch()
+        num = sum(float((opt.state[p]["hess"] - b).double().square().sum()) for p, b in zip(params, before))
+        den = sum(float(b.double().square().sum()) for b in before)
+        if math.sqrt(num) < tol * math.sqrt(den):
+            return epoch
+    return max_epochs

@@ -9,10 +9,22 @@ Scenarios:
 Methods, all IVON-based unless noted:
 
 * ``naive``: one IVON run continued over the tasks (naive finetuning; the original isotropic prior);
-* ``vcl``: the old posterior becomes the new prior (:class:`~vbpc.ContinualIVON`, ``correction=False``);
-* ``poco``: ``vcl`` plus the posterior-correction term of eq. (29) on a replay memory of
-  ``memory_per_task`` examples per old task (:class:`~vbpc.ContinualIVON`, ``correction=True``);
+* ``vcl``: the old posterior (IVON's) becomes the new prior (:class:`~vbpc.ContinualIVON`, ``correction=False``);
+* ``laplace``: online Laplace/EWC, prior-focused like ``vcl`` but the old posterior comes from a curvature
+  pass at the end of each task, :math:`p_t=p_{t-1}+N_t\bar h_t(q_t)`
+  (:func:`~vbpc.inference.curvature.laplace_posterior`);
+* ``poco``: the prior plus the posterior-correction term of eq. (29) on a replay memory of
+  ``memory_per_task`` examples per old task (:class:`~vbpc.ContinualIVON`, ``correction=True``), weighted
+  by the unbiased :math:`N_{old}` (``tasks.memory_weight`` overrides); the old posterior at the end of
+  each task per ``tasks.old_posterior``: ``curvature`` (default; :meth:`~vbpc.ContinualIVON.laplace_posterior`,
+  the precision (29) assumes), ``converge`` (more IVON epochs until :math:`h` converged,
+  :func:`~vbpc.inference.curvature.converge_hessian`) or ``ivon`` (IVON's EMA as it is, which needs
+  ``tasks.clamp_memory_curvature`` and a tempered weight to stay stable);
+* ``poco-tempered``: ``poco`` with :math:`N_{old}` = ``tasks.tempered_weight`` (reported next to it);
 * ``adamw``: AdamW naive finetuning (a non-Bayesian reference).
+
+The memory curvature :math:`\bar h_{\mathcal M}(q_{old})` is re-drawn every ``tasks.memory_curvature_every``
+steps (running mean, :meth:`~vbpc.ContinualIVON.set_memory_curvature`).
 
 After each task the run evaluates every seen task (BMA over ``test_samples`` posterior samples)
 and logs the accuracy matrix :math:`R_{t,j}`, the average accuracy :math:`A_t=\frac1t\sum_{j\le t}R_{t,j}`,
@@ -38,6 +50,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import ConfigError, ContinualConfig, to_dict
 from ..data import load_fashion_mnist, seed_everything
+from ..inference.curvature import converge_hessian, laplace_posterior
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..metrics import ece as ece_metric
@@ -47,7 +60,9 @@ from ..reporting import JsonlLog, markdown_table, mean_std, pm, save_figure, sub
 __all__ = ["METHODS", "SCENARIOS", "Task", "evaluate_tasks", "forgetting", "frozen_posterior", "make_tasks",
            "preflight", "prepare_out", "run_continual", "task_loss"]
 
-METHODS = ("naive", "vcl", "poco", "adamw")
+METHODS = ("naive", "vcl", "laplace", "poco", "poco-tempered", "adamw")
+CORRECTED = ("poco", "poco-tempered")
+OLD_POSTERIORS = ("curvature", "converge", "ivon")
 SCENARIOS = ("split", "permuted")
 
 
@@ -168,9 +183,47 @@ class _Method:
         self.opt: Any = None
         self.seen: list[Task] = []
         self.memory: list[tuple[Tensor, Tensor, Tensor]] = []  # (x, y, cols per example)
+        self.old: Any = None  # the end-of-task posterior of a curvature pass (laplace, poco with curvature)
+        self.info: dict[str, Any] = {}  # per-task extras logged in metrics.jsonl
+
+    @property
+    def corrected(self) -> bool:
+        return self.name in CORRECTED
 
     def posterior(self) -> Any:
-        return None if self.name == "adamw" else self.opt.posterior(self.model)
+        if self.name == "adamw":
+            return None
+        return self.old if self.old is not None else self.opt.posterior(self.model)
+
+    def _chunks(self, parts: list[tuple[Tensor, Tensor, Tensor]], bs: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return [(x[i:i + bs], y[i:i + bs], c[i:i + bs]) for x, y, c in parts for i in range(0, len(y), bs)]
+
+    def finish(self, task: Task, run_epoch: Callable[[], None], seed: int) -> None:
+        """The old posterior at the end of a task (docs/algorithms.md §8): a curvature pass at the
+        final mean (laplace; poco with ``old_posterior=curvature``) or IVON epochs until h converged."""
+        tc = self.cfg.tasks
+        self.info = {}
+        if self.name not in ("laplace",) + CORRECTED or (self.corrected and tc.old_posterior == "ivon"):
+            return
+        if self.corrected and tc.old_posterior == "converge":
+            self.info["converge_epochs"] = converge_hessian(self.opt, run_epoch, tol=tc.converge_tol,
+                                                            max_epochs=tc.converge_max_epochs)
+            return
+
+        def loss(b: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+            return task_loss(self.model, *b)
+
+        data = self._chunks([(task.x, task.y, task.cols.expand(len(task), -1))], 512)
+        mc, pass_seed = tc.old_posterior_mc, seed * 1000 + len(self.seen)
+        if not hasattr(self.opt, "laplace_posterior"):  # task 1: plain IVON under its isotropic prior
+            post = frozen_posterior(self.opt.posterior(self.model)).bind(self.model)
+            self.old, clamped = laplace_posterior(post, post.prior(), self.model, loss, data, data_size=len(task),
+                                                mc_samples=mc, seed=pass_seed)
+        else:
+            memory = self._chunks(self.memory, tc.memory_batch_size) if self.corrected else None
+            self.old, clamped = self.opt.laplace_posterior(loss, data, memory=memory, model=self.model,
+                                                           mc_samples=mc, seed=pass_seed)
+        self.info["old_posterior_clamped"] = clamped
 
     def begin(self, task: Task) -> None:
         lc = self.cfg.learner
@@ -187,12 +240,14 @@ class _Method:
             return
         if self.name == "naive":  # the same IVON run continues
             return
-        prior = frozen_posterior(self.opt.posterior(self.model))
-        correction = self.name == "poco"
+        prior = frozen_posterior(self.old if self.old is not None else self.opt.posterior(self.model))
+        self.old = None
+        correction = self.corrected
         n_old = sum(len(t) for t in self.seen)
-        weight = self.cfg.tasks.memory_weight or n_old
+        tc = self.cfg.tasks
+        weight = tc.tempered_weight if self.name == "poco-tempered" else (tc.memory_weight or n_old)
         if correction and not self.memory:
-            raise ValueError("method 'poco' needs a replay memory: tasks.memory_per_task must be >= 1")
+            raise ValueError(f"method {self.name!r} needs a replay memory: tasks.memory_per_task must be >= 1")
         if self.cfg.tasks.ess not in ("task", "all"):
             raise ConfigError(f"tasks.ess={self.cfg.tasks.ess!r}: 'task' or 'all'")
         if self.cfg.tasks.ess == "all":  # λ = every example seen: N_new/λ + N_old/λ = 1
@@ -201,10 +256,10 @@ class _Method:
             named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
             weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None, **kw)
         if correction:
-            bs = self.cfg.tasks.memory_batch_size
-            chunks = [(x[i:i + bs], y[i:i + bs], c[i:i + bs]) for x, y, c in self.memory for i in range(0, len(y), bs)]
-            self.opt.set_memory_curvature(lambda b: task_loss(self.model, *b), chunks,
-                                          mc_samples=self.cfg.tasks.memory_curvature_mc)
+            self.opt.set_memory_curvature(lambda b: task_loss(self.model, *b), self._chunks(self.memory,
+                                                                                            tc.memory_batch_size),
+                                          mc_samples=tc.memory_curvature_mc, clamp=tc.clamp_memory_curvature,
+                                          every=tc.memory_curvature_every)
 
     def step(self, x: Tensor, y: Tensor, cols: Tensor, memory_batch: Optional[Callable[[], tuple]]) -> Tensor:
         model, opt = self.model, self.opt
@@ -230,7 +285,7 @@ class _Method:
 
     def remember(self, task: Task, k: int, g: torch.Generator) -> None:
         self.seen.append(task)
-        if self.name != "poco" or k <= 0:
+        if not self.corrected or k <= 0:
             return
         idx = torch.randperm(len(task), generator=g)[:k]
         self.memory.append((task.x[idx], task.y[idx], task.cols.expand(len(idx), -1)))
@@ -260,8 +315,9 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
         steps = tc.epochs * math.ceil(len(task) / tc.batch_size)
         bar = tqdm(total=steps, desc=f"{method} s{seed} task {t + 1}/{len(tasks)}", disable=not cfg.progress,
                    leave=False, dynamic_ncols=True)
-        losses = []
-        for _ in range(tc.epochs):
+        losses: list[float] = []
+
+        def run_epoch(task: Task = task, memory: Optional[Callable[[], tuple]] = memory) -> None:
             perm = torch.randperm(len(task), generator=g)
             for i in range(0, len(task), tc.batch_size):
                 idx = perm[i:i + tc.batch_size]
@@ -269,13 +325,17 @@ def _train_sequence(cfg: ContinualConfig, method: str, seed: int, tasks: list[Ta
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+        for _ in range(tc.epochs):
+            run_epoch()
+        m.finish(task, run_epoch, seed)
         bar.close()
         m.remember(task, tc.memory_per_task, g)
         ev = evaluate_tasks(model, tasks[:t + 1], m.posterior(), cfg.test_samples, seed)
         acc_rows.append(ev["acc"])
         row = {"method": method, "seed": seed, "task": t + 1, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
                "acc": ev["acc"], "avg_acc": sum(ev["acc"]) / len(ev["acc"]), "forgetting": forgetting(acc_rows),
-               "ece": ev["ece"], "seconds": time.perf_counter() - t0}
+               "ece": ev["ece"], "seconds": time.perf_counter() - t0, **m.info}
         log(row)
         rows.append(row)
     post = m.posterior()
@@ -375,9 +435,19 @@ def run_continual(cfg: ContinualConfig, *, overwrite: bool = False) -> dict[str,
         raise ConfigError(f"methods={cfg.methods!r}: each one of {METHODS}")
     if not cfg.seeds:
         raise ConfigError("seeds: at least one seed")
-    if "poco" in cfg.methods and cfg.tasks.memory_per_task < 1:
-        raise ConfigError("method 'poco' corrects on a replay memory: tasks.memory_per_task must be >= 1 "
+    tc = cfg.tasks
+    if any(m in CORRECTED for m in cfg.methods) and tc.memory_per_task < 1:
+        raise ConfigError("methods poco/poco-tempered correct on a replay memory: tasks.memory_per_task must be >= 1 "
                           "(an empty memory cannot estimate the correction term of eq. 29)")
+    if tc.old_posterior not in OLD_POSTERIORS:
+        raise ConfigError(f"tasks.old_posterior={tc.old_posterior!r}: one of {OLD_POSTERIORS}")
+    if tc.memory_curvature_every is not None and tc.memory_curvature_every < 1:
+        raise ConfigError(f"tasks.memory_curvature_every={tc.memory_curvature_every}: >= 1, or null for once per task")
+    if tc.old_posterior_mc < 1 or tc.converge_max_epochs < 1 or not tc.converge_tol > 0:
+        raise ConfigError("tasks.old_posterior_mc and tasks.converge_max_epochs must be >= 1, tasks.converge_tol > 0")
+    if not tc.tempered_weight > 0 or (tc.memory_weight is not None and not tc.memory_weight > 0):
+        raise ConfigError("tasks.tempered_weight and tasks.memory_weight must be > 0 (memory_weight null: the "
+                          "unbiased N_old)")
     preflight(cfg, continual=True)
     out = Path(cfg.out)
     with run_lock(out, "vbpc continual"):
