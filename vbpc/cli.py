@@ -9,6 +9,7 @@
 * ``vbpc cnn [CONFIG]``: :func:`vbpc.workflows.cnn.run_cnn` (LeNet-5 / ResNet-20: IVON, AdamW, BBB);
 * ``vbpc gpt [CONFIG]``: :func:`vbpc.workflows.gpt.run_gpt` (a character-level GPT-2 with IVON);
 * ``vbpc merge BASE CK1 CK2 ...``: :func:`vbpc.workflows.merging.merge_checkpoints` (eq. 31);
+* ``vbpc unlearn CHECKPOINT --forget SPEC``: :func:`vbpc.workflows.unlearning.unlearn_checkpoint` (eq. 32);
 * ``vbpc evaluate CHECKPOINT``: the uncertainty report of a :mod:`vbpc.checkpoint`.
 
 Every config command reads one typed config (:mod:`vbpc.config`): a YAML file and repeatable
@@ -212,6 +213,41 @@ def _add_merge(sub: Any) -> None:
     p.set_defaults(func=_merge)
 
 
+def _unlearn(args: argparse.Namespace) -> int:
+    from .workflows.unlearning import unlearn_checkpoint
+
+    r = unlearn_checkpoint(args.checkpoint, args.forget, args.out, curvature=args.curvature,
+                           mc_samples=args.mc_samples, steps=args.steps, lr=args.lr, memory=args.memory,
+                           batch_size=args.batch_size, seed=args.seed, root=args.root, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    print(f"forgot {r['n_forget']:,} of {r['train_examples']:,} training examples ({r['forget']}; {r['method']}, "
+          f"curvature {r['curvature']}); {r['clamped']:,} of {r['numel']:,} precision entries clamped at the prior; "
+          f"{r['grad_evals']:,} per-example gradient evaluations -> {r['out']}")
+    return 0
+
+
+def _add_unlearn(sub: Any) -> None:
+    p = sub.add_parser("unlearn", help="forget training examples from a saved posterior (eq. 32, + corrected steps)",
+                       description="Divide the forget set's sites out of a `vbpc train` checkpoint's posterior "
+                                   "(docs/adaptation.md, Unlearning).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a `vbpc train` checkpoint with a posterior (IVON family or VON)")
+    p.add_argument("--forget", required=True,
+                   help="what to forget: class=K, random=F (a fraction), range=A:B or indices=FILE")
+    p.add_argument("--curvature", default="price", choices=["price", "ggn", "fisher", "exact"])
+    p.add_argument("--mc-samples", type=int, default=1, help="posterior draws per chunk (antithetic pairs)")
+    p.add_argument("--steps", type=int, default=0, help="corrected steps on a retained memory after eq. (32)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the corrected steps")
+    p.add_argument("--memory", type=int, default=2000, help="retained examples in the memory of the corrected steps")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default=None, help="dataset root directory")
+    p.add_argument("--out", default="unlearned.safetensors")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_unlearn)
+
+
 def _retired(args: argparse.Namespace) -> int:
     print(f"vbpc: `vbpc {args.command}` was retired; use: {RETIRED[args.command]}", file=sys.stderr)
     return 2
@@ -236,6 +272,7 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
         _add_config_command(sub, name, full=name == chosen)
     _add_evaluate(sub)
     _add_merge(sub)
+    _add_unlearn(sub)
     for name, new in RETIRED.items():
         sub.add_parser(name, help=f"retired: use {new.split('  ')[0]}", add_help=False)  # main() answers it
     return ap
