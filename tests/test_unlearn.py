@@ -307,3 +307,25 @@ def test_a_tempered_posterior_divides_out_sites_of_weight_ess_over_n():
     assert float((wrong.posterior.precision["theta"] - s_ret).abs().max()) > 1e-2
     with pytest.raises(ValueError, match="data_size"):
         unlearn(post, model, _quad_loss(model), [(a[rm], b[rm])], curvature="exact", mc_samples=0, data_size=1)
+
+
+def test_ggn_fast_linear_path_equals_per_example_gradients_and_other_layers_fall_back():
+    from vbpc.inference.unlearning import _linear_squares, _vmap_squares
+
+    model = _softmax_model(1)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    probs = F.softmax(model(x), -1).detach()
+    vs = [(torch.eye(4, dtype=torch.float64)[c] - probs, probs[:, c]) for c in range(4)]
+    names = [n for n, _ in model.named_parameters()]
+    theta = dict(model.named_parameters())
+    fast = _linear_squares(model, names, x, vs)
+    slow = _vmap_squares(model, names, theta, x, vs)
+    assert fast is not None
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    normed = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4)).double()
+    assert _linear_squares(normed, [n for n, _ in normed.named_parameters()], x, vs) is None
+    post = vbpc.DiagonalGaussian.from_module(normed, precision=50.0)
+    _, h, _, _ = forget_statistics(post, normed, lambda b: F.cross_entropy(normed(b[0]), b[1]),
+                                   [(x, torch.zeros(7, dtype=torch.long))], curvature="ggn", mc_samples=0)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in h]), _hand_ggn(normed, x), rtol=1e-10, atol=1e-12)

@@ -80,11 +80,79 @@ def _dense_hessian(loss: Tensor, params: list[Tensor]) -> tuple[list[Tensor], Te
 
 def _per_example_curvature(model: nn.Module, names: list[str], theta: dict[str, Tensor], x: Tensor,
                            kind: UnlearnCurvature, generator: torch.Generator) -> tuple[list[Tensor], int]:
-    r"""Mean over the chunk of the per-example diagonal curvature of softmax cross-entropy at θ.
+    r"""Mean over the chunk of the per-example diagonal curvature of softmax cross-entropy at θ (already
+    loaded into ``model``).
 
     ``ggn``: :math:`\mathrm{diag}(J^\top(\mathrm{diag}\,p-pp^\top)J)=\sum_c p_c\,(J^\top(e_c-p))^{\odot2}`
-    (exact, C vectorised per-example backward passes); ``fisher``: :math:`(J^\top(p-e_y))^{\odot2}`,
-    :math:`y\sim p` (one pass).  Returns the means and the number of per-example passes."""
+    (exact, C per-example backward passes); ``fisher``: :math:`(J^\top(p-e_y))^{\odot2}`, :math:`y\sim p`
+    (one pass).  Returns the means and the number of per-example passes."""
+    with torch.no_grad():
+        probs = F.softmax(model(x).double(), -1)
+    if kind is UnlearnCurvature.FISHER:
+        y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        vs = [(probs - F.one_hot(y, probs.shape[-1]).to(probs), None)]
+    else:
+        eye = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        vs = [(eye[c] - probs, probs[:, c]) for c in range(probs.shape[-1])]
+    out = _linear_squares(model, names, x, vs)
+    if out is None:
+        out = _vmap_squares(model, names, theta, x, vs)
+    return out, len(vs)
+
+
+def _linear_squares(model: nn.Module, names: list[str], x: Tensor,
+                    vs: list[tuple[Tensor, Optional[Tensor]]]) -> Optional[list[Tensor]]:
+    r"""The weighted mean squared per-example gradients :math:`\frac1B\sum_i w_i(J_i^\top v_i)^{\odot2}` when
+    every tensor is the weight or bias of an ``nn.Linear`` called once on (B, in) inputs: per example the
+    weight gradient is the outer product :math:`\gamma_i a_i^\top` of the output's gradient and the
+    input, so its square is :math:`\gamma_i^{\odot2}(a_i^{\odot2})^\top` and the batch sum one matmul
+    (no per-example gradient is formed).  ``None`` when the model does not have that form."""
+    layers: dict[str, nn.Linear] = {}
+    for n in names:
+        path, _, leaf = n.rpartition(".")
+        mod = model.get_submodule(path) if path else model
+        if not isinstance(mod, nn.Linear) or leaf not in ("weight", "bias"):
+            return None
+        layers[path] = mod
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {p: [] for p in layers}
+
+    def hook(path: str) -> Callable[..., None]:
+        def record(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            seen[path].append((args[0].detach(), out))
+        return record
+
+    handles = [mod.register_forward_hook(hook(p)) for p, mod in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(v) != 1 or v[0][0].dim() != 2 for v in seen.values()):
+        return None  # shared layers or sequence inputs: per-example squares do not factorise
+    outs = [seen[p][0][1] for p in layers]
+    if not all(o.requires_grad for o in outs):
+        return None
+    acc = {n: torch.zeros(model.get_parameter(n).shape, dtype=torch.float64, device=x.device) for n in names}
+    b = x.shape[0]
+    for v, weight in vs:
+        gammas = torch.autograd.grad(logits, outs, grad_outputs=v.to(logits.dtype), retain_graph=True)
+        for (path, mod), gam in zip(layers.items(), gammas):
+            g2 = gam.double().square()
+            if weight is not None:
+                g2 = g2 * weight.unsqueeze(1)
+            if f"{path}.weight" in acc or (not path and "weight" in acc):
+                a2 = seen[path][0][0].double().square()
+                acc[f"{path}.weight" if path else "weight"].add_(g2.T @ a2, alpha=1.0 / b)
+            key = f"{path}.bias" if path else "bias"
+            if key in acc:
+                acc[key].add_(g2.sum(0), alpha=1.0 / b)
+    return [acc[n] for n in names]
+
+
+def _vmap_squares(model: nn.Module, names: list[str], theta: dict[str, Tensor], x: Tensor,
+                  vs: list[tuple[Tensor, Optional[Tensor]]]) -> list[Tensor]:
+    """The same as :func:`_linear_squares` for any model, from per-example gradients (``torch.func``)."""
     from torch.func import functional_call, grad, vmap
 
     params = {n: theta[n].detach() for n in names}
@@ -93,15 +161,7 @@ def _per_example_curvature(model: nn.Module, names: list[str], theta: dict[str, 
         return (functional_call(model, ps, (xi.unsqueeze(0),)).squeeze(0) * v).sum()
 
     per_example = vmap(grad(contracted), in_dims=(None, 0, 0))
-    with torch.no_grad():
-        probs = F.softmax(functional_call(model, params, (x,)).double(), -1)
     out = [torch.zeros_like(params[n], dtype=torch.float64) for n in names]
-    if kind is UnlearnCurvature.FISHER:
-        y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-        vs = [(probs - F.one_hot(y, probs.shape[-1]).to(probs), None)]
-    else:
-        eye = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
-        vs = [(eye[c] - probs, probs[:, c]) for c in range(probs.shape[-1])]
     for v, weight in vs:
         g = per_example(params, x, v.to(x.dtype if x.is_floating_point() else torch.float32))
         for acc, n in zip(out, names):
@@ -109,7 +169,7 @@ def _per_example_curvature(model: nn.Module, names: list[str], theta: dict[str, 
             if weight is not None:
                 sq = sq * weight.reshape(-1, *([1] * (sq.dim() - 1)))
             acc.add_(sq.mean(0))
-    return out, len(vs)
+    return out
 
 
 def forget_statistics(
