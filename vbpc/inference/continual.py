@@ -319,16 +319,47 @@ class ContinualIVON(IVONPoCo):
                     h.clamp_(min=0.0).copy_(torch.minimum(h, (dv - g["weight_decay"]).clamp(min=0.0).mul_(cap)))
         self.memory_hess = hs
 
+    @torch.no_grad()
+    def set_memory_curvature_from(self, base: DiagonalGaussian, *, model: Optional[nn.Module] = None) -> None:
+        r"""Use the old data's curvature already in :math:`p_{old}` as :math:`\bar h_{\mathcal M}(q_{old})`:
+
+        .. math:: \bar h_{\mathcal M}=\max\big(0,\ (p_{old}-p_{base})/N_{old}\big)
+
+        with :math:`p_{old}` the anchor's precision (the prior's by default) and :math:`p_{base}` its part
+        that is not old data (the first task's prior).  When :math:`p_{old}=p_{base}+N_{old}\bar h` (an old
+        posterior from curvature passes, :func:`~vbpc.inference.curvature.laplace_posterior`), the gradient
+        term :math:`-\frac{N_{old}}\lambda\bar h\odot(m-m_{old})` cancels the old-data part of
+        :math:`\delta_v\odot(m-m_{old})` exactly, leaving :math:`\frac{p_{base}}\lambda\odot(m-m_{old})`: the
+        corrected objective is the K-prior (old data only through the memory's
+        :math:`\hat g_{\mathcal M}(q)-\hat g_{\mathcal M}(q_{old})`), positive definite by construction
+        (docs/algorithms.md §8).  A Price estimate on the memory instead (:meth:`set_memory_curvature`) differs
+        from it per coordinate by its Monte-Carlo error, which for a network is dominated by the off-diagonal
+        Hessian (:math:`z_i\sum_jH_{ij}z_j`) and can leave the quadratic model indefinite [vbpc, measured]."""
+        if not self.replay:
+            raise ValueError("set_memory_curvature_from needs correction=True (a replay memory and memory_weight)")
+        entries = self._prior_entries(base, self._norm.model if model is None else model)
+        hs, it = [], iter(entries)
+        for g in self.param_groups:
+            lam = float(g["ess"])
+            for p in self._trainable(g):
+                e = next(it)
+                st = self.state[p]
+                p_old = st.get("anchor_delta", st["prior_delta"]).mul(lam)
+                p_base = e.precision().to(p_old)
+                hs.append(p_old.sub_(p_base).div_(float(self.memory_weight or 1.0)).clamp_(min=0.0))
+        self._memory_source, self._memory_raw = None, None
+        self.memory_hess = hs
+
     def laplace_posterior(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
-                          memory: Optional[Iterable[Any]] = None, floor: bool = True, mc_samples: int = 4,
+                          memory: Optional[Iterable[Any]] = None, floor: bool = False, mc_samples: int = 4,
                           seed: int = 0, model: Optional[nn.Module] = None,
                           progress: bool = False) -> tuple[DiagonalGaussian, int]:
         r"""The posterior at the end of the task from a curvature pass at the final mean
         (:func:`~vbpc.inference.curvature.laplace_posterior`), with the same terms as this learner's
         precision :math:`\lambda h+p_{prior}` and :math:`h` replaced by its target at :math:`q`:
 
-        .. math:: p=\max\Big(p_q,\ p_{prior}+N_{new}\bar h_{new}(q)+N_{old}\big[\bar h_{\mathcal M}(q)-
-            \bar h_{\mathcal M}(q_{old})\big]\Big)
+        .. math:: p=p_{prior}+N_{new}\bar h_{new}(q)+N_{old}\big[\bar h_{\mathcal M}(q)-
+            \bar h_{\mathcal M}(q_{old})\big]\quad(\ge\lambda\delta;\ \texttt{floor}:\ \ge p_q)
 
         (the bracket with ``memory``, the memory chunks, and needs :meth:`set_memory_curvature`: its
         :math:`\bar h_{\mathcal M}(q_{old})` is the one the correction used, so the old curvature the

@@ -173,11 +173,11 @@ def price_curvature(params: list[Tensor], loss_fn: Callable[[Any], Tensor], data
 @torch.no_grad()
 def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, model: nn.Module,
                       loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, data_size: float,
-                      terms: Iterable[tuple[float, list[Tensor]]] = (), floor: bool = True, mc_samples: int = 4,
+                      terms: Iterable[tuple[float, list[Tensor]]] = (), floor: bool = False, mc_samples: int = 4,
                       seed: int = 0, progress: bool = False) -> tuple[DiagonalGaussian, int]:
     r"""An old posterior that is a posterior: a curvature pass at the final mean (docs/algorithms.md §8)
 
-    .. math:: m_{old}=m,\qquad p_{old}=\max\big(\lambda\delta,\ p_q,\ p_{prior}+N\,\bar h_{\mathcal D}(q)
+    .. math:: m_{old}=m,\qquad p_{old}=\max\big(\lambda\delta,\ p_{prior}+N\max(0,\bar h_{\mathcal D}(q))
         +\textstyle\sum_k w_k d_k\big)
 
     with :math:`\bar h_{\mathcal D}(q)` from :func:`price_curvature` over ``data`` (``N=data_size``
@@ -188,11 +188,12 @@ def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, mode
     an EMA that after one epoch at β2 = 0.999 has barely left :math:`h_0`; this pass gives the
     precision the next task's correction (29) assumes (:math:`q_{old}` a fixed point).  With
     ``terms=()`` and :math:`p_{prior}` the previous task's :math:`p_{old}` it is online Laplace (EWC).
-    ``floor`` (default) keeps at least the learner's own precision :math:`p_q`: IVON's EMA lags behind the
-    data curvature in both directions, below it where the curvature is large (what destabilises (29)) and
-    above it where the data are flat (:math:`h_0`); the pass raises the first and keeps the second, where a
-    weak prior would otherwise leave :math:`\sigma\approx1/\sqrt{\lambda\delta}` (≈3 for an MLP with δ=1e-4,
-    which ruins the BMA and the next task's samples) [vbpc, measured].
+    ``floor`` keeps at least the learner's own precision :math:`p_q` (off by default): IVON's EMA lags
+    behind the data curvature in both directions, below it where the curvature is large (what destabilises
+    (29)) and above it where the data are flat (:math:`h_0`).  A weak prior alone leaves
+    :math:`\sigma\approx1/\sqrt{\lambda\delta}` in flat directions (≈3 for an MLP with δ=1e-4, which ruins the
+    BMA and the next task's samples) [vbpc, measured]; the continual workflow therefore starts from IVON's
+    initial posterior :math:`\lambda(h_0+\delta)` as :math:`p_{prior}` of the first task (the online-Laplace prior).
     Returns the posterior (``ess``/``weight_decay`` of ``posterior``; bound to ``model``) and the
     number of entries clamped at :math:`\lambda\delta`."""
     if not (data_size >= 0 and math.isfinite(data_size)):
@@ -214,7 +215,7 @@ def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, mode
     extra = list(terms)
     entries, clamped = [], 0
     for i, e in enumerate(posterior._entries):
-        p = by_name[e.name].precision().to(h_bar[i]) + data_size * h_bar[i]
+        p = by_name[e.name].precision().to(h_bar[i]) + data_size * h_bar[i].clamp(min=0.0)
         for w, d in extra:
             p = p + w * d[i].to(p)
         if floor:

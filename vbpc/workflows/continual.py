@@ -11,20 +11,23 @@ Methods, all IVON-based unless noted:
 * ``naive``: one IVON run continued over the tasks (naive finetuning; the original isotropic prior);
 * ``vcl``: the old posterior (IVON's) becomes the new prior (:class:`~vbpc.ContinualIVON`, ``correction=False``);
 * ``laplace``: online Laplace/EWC, prior-focused like ``vcl`` but the old posterior comes from a curvature
-  pass at the end of each task, :math:`p_t=p_{t-1}+N_t\bar h_t(q_t)`
-  (:func:`~vbpc.inference.curvature.laplace_posterior`);
+  pass at the end of each task, :math:`p_t=p_{t-1}+N_t\bar h_t(q_t)`, :math:`p_0=\lambda_1(h_0+\delta)` (IVON's
+  initial posterior; :func:`~vbpc.inference.curvature.laplace_posterior`);
 * ``poco``: the prior plus the posterior-correction term of eq. (29) on a replay memory of
   ``memory_per_task`` examples per old task (:class:`~vbpc.ContinualIVON`, ``correction=True``), weighted
   by the unbiased :math:`N_{old}` (``tasks.memory_weight`` overrides); the old posterior at the end of
   each task per ``tasks.old_posterior``: ``curvature`` (default; :meth:`~vbpc.ContinualIVON.laplace_posterior`,
-  the precision (29) assumes), ``converge`` (more IVON epochs until :math:`h` converged,
+  the precision (29) assumes, and the correction's :math:`\bar h_{\mathcal M}(q_{old})` is the old-data part of
+  that precision per old example, :meth:`~vbpc.ContinualIVON.set_memory_curvature_from`), ``converge``
+  (more IVON epochs until :math:`h` converged,
   :func:`~vbpc.inference.curvature.converge_hessian`) or ``ivon`` (IVON's EMA as it is, which needs
   ``tasks.clamp_memory_curvature`` and a tempered weight to stay stable);
 * ``poco-tempered``: ``poco`` with :math:`N_{old}` = ``tasks.tempered_weight`` (reported next to it);
 * ``adamw``: AdamW naive finetuning (a non-Bayesian reference).
 
-The memory curvature :math:`\bar h_{\mathcal M}(q_{old})` is re-drawn every ``tasks.memory_curvature_every``
-steps (running mean, :meth:`~vbpc.ContinualIVON.set_memory_curvature`).
+With ``converge`` or ``ivon`` the memory curvature :math:`\bar h_{\mathcal M}(q_{old})` is a Price estimate on the
+memory, re-drawn every ``tasks.memory_curvature_every`` steps (running mean,
+:meth:`~vbpc.ContinualIVON.set_memory_curvature`).
 
 After each task the run evaluates every seen task (BMA over ``test_samples`` posterior samples)
 and logs the accuracy matrix :math:`R_{t,j}`, the average accuracy :math:`A_t=\frac1t\sum_{j\le t}R_{t,j}`,
@@ -55,6 +58,7 @@ from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..metrics import ece as ece_metric
 from ..models import build_model
+from ..posterior import DiagonalGaussian, Entry
 from ..reporting import JsonlLog, markdown_table, mean_std, pm, save_figure, subplots, write_json
 
 __all__ = ["METHODS", "SCENARIOS", "Task", "evaluate_tasks", "forgetting", "frozen_posterior", "make_tasks",
@@ -184,6 +188,7 @@ class _Method:
         self.seen: list[Task] = []
         self.memory: list[tuple[Tensor, Tensor, Tensor]] = []  # (x, y, cols per example)
         self.old: Any = None  # the end-of-task posterior of a curvature pass (laplace, poco with curvature)
+        self.base: Any = None  # the first task's prior N(0, λ1(h0 + δ)): p_old's part that is not old data
         self.info: dict[str, Any] = {}  # per-task extras logged in metrics.jsonl
 
     @property
@@ -215,13 +220,16 @@ class _Method:
 
         data = self._chunks([(task.x, task.y, task.cols.expand(len(task), -1))], 512)
         mc, pass_seed = tc.old_posterior_mc, seed * 1000 + len(self.seen)
-        if not hasattr(self.opt, "laplace_posterior"):  # task 1: plain IVON under its isotropic prior
+        if not hasattr(self.opt, "laplace_posterior"):  # task 1: plain IVON; the prior is its initial posterior
             post = frozen_posterior(self.opt.posterior(self.model)).bind(self.model)
-            self.old, clamped = laplace_posterior(post, post.prior(), self.model, loss, data, data_size=len(task),
+            h0 = float(self.cfg.learner.kwargs.get("hess_init", self.opt.param_groups[0]["hess_init"]))
+            start = DiagonalGaussian([Entry(e.name, torch.zeros_like(e.mean), torch.full_like(e.hess, h0), e.ess,
+                                            e.weight_decay) for e in post._entries])  # N(0, λ(h0 + δ))
+            self.base = start
+            self.old, clamped = laplace_posterior(post, start, self.model, loss, data, data_size=len(task),
                                                 mc_samples=mc, seed=pass_seed)
-        else:
-            memory = self._chunks(self.memory, tc.memory_batch_size) if self.corrected else None
-            self.old, clamped = self.opt.laplace_posterior(loss, data, memory=memory, model=self.model,
+        else:  # p_t = p_{t-1} + N_t h̄_t(q_t): old data's curvature stays N_j h̄_j(q_j) (online Laplace)
+            self.old, clamped = self.opt.laplace_posterior(loss, data, model=self.model,
                                                            mc_samples=mc, seed=pass_seed)
         self.info["old_posterior_clamped"] = clamped
 
@@ -255,7 +263,9 @@ class _Method:
         self.opt = get_learner("continual-ivon").build(
             named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
             weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None, **kw)
-        if correction:
+        if correction and tc.old_posterior == "curvature":  # the K-prior identity: the same h̄ as in p_old
+            self.opt.set_memory_curvature_from(self.base, model=self.model)
+        elif correction:
             self.opt.set_memory_curvature(lambda b: task_loss(self.model, *b), self._chunks(self.memory,
                                                                                             tc.memory_batch_size),
                                           mc_samples=tc.memory_curvature_mc, clamp=tc.clamp_memory_curvature,
