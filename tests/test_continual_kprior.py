@@ -251,3 +251,45 @@ def test_converge_hessian_stops_at_the_stated_criterion():
     assert converge_hessian(opt, epoch, tol=1e-9, max_epochs=2) == 2
     with pytest.raises(ValueError, match="max_epochs"):
         converge_hessian(opt, epoch, max_epochs=0)
+
+
+def test_memory_curvature_from_the_old_posterior_gives_the_k_prior_gradient():
+    """p_old = p_base + N_old h̄ and the correction uses the same h̄ (set_memory_curvature_from): the
+    gradient term cancels the old-data part of the prior term exactly, g̃ + δ_v(m − m_old) =
+    ĝ_in − w_old ĝ_M(q_old) + (p_base/λ)(m − m_old) (the K-prior), to rounding."""
+    n, wd, lam, n_old = 200, 1e-2, 150.0, 400.0
+    (x1, y1), (x2, y2) = _two_class_tasks(n)
+    model = _ce_map([(x1, y1)], wd, n)
+    g = torch.Generator().manual_seed(3)
+    h_bar = [torch.rand(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()]
+    base = vbpc.DiagonalGaussian([Entry(nm, torch.zeros_like(p), torch.full_like(p, 0.5), float(n), wd)
+                                  for nm, p in model.named_parameters()])
+    old = vbpc.DiagonalGaussian([Entry(nm, p.detach().clone(), 0.5 + n_old / n * h, float(n), wd)
+                                 for (nm, p), h in zip(model.named_parameters(), h_bar)])  # p = p_base + N_old h̄
+    opt = vbpc.ContinualIVON(model.parameters(), lr=0.1, ess=lam, prior=old.bind(model), model=model,
+                             correction=True, memory_weight=n_old, data_size=lam, track_stats=True)
+    opt.set_memory_curvature_from(base)
+    for a, b in zip(opt.memory_hess, h_bar):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    m = [p.detach().clone() for p in model.parameters()]
+
+    def closure(x, y):
+        def f():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return f
+    opt.step(closure(x2, y2), memory=closure(x1, y1))
+    st = opt.last_stats
+    w_old = n_old / lam
+    for i, (mi, mo, pb) in enumerate(zip(m, old.mean.values(), base.precision.values())):
+        dv = opt.state[list(model.parameters())[i]]["prior_delta"]
+        lhs = st["g_tilde"][i] + dv * (mi - mo)
+        rhs = st["g_in"][i] - w_old * st["g_out"][i] + pb / lam * (mi - mo)
+        torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="correction=True"):
+        vbpc.ContinualIVON(model.parameters(), lr=0.1, ess=lam, prior=old, model=model).set_memory_curvature_from(base)
