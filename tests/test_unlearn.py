@@ -235,8 +235,9 @@ def test_full_family_indefinite_result_is_refused_or_clamped():
 def test_corrected_steps_on_the_retained_data_move_toward_the_retained_map():
     """Logistic regression (non-quadratic, so eq. 32 alone is an approximation): after IVON on all
     2000 examples, forgetting 400 shifted ones by eq. (32) lands 0.157 from the retained-data MAP
-    (L-BFGS, independent of vbpc); 300 corrected steps with the retained data as memory close a third
-    of that gap (0.104 measured).  IVON's own noise floor here is 0.02 (its mean vs the all-data MAP)."""
+    (L-BFGS, independent of vbpc); 3000 corrected steps with the retained data as memory bring it to
+    0.031 (measured; a per-step Price memory curvature instead plateaus near 0.09).  IVON's own noise floor here is 0.02 (its mean vs the all-data
+    MAP).  The memory curvature is the retained part of the old precision (the K-prior identity)."""
     torch.manual_seed(0)
     n, d = 2000, 5
     x = torch.randn(n, d)
@@ -280,11 +281,11 @@ def test_corrected_steps_on_the_retained_data_move_toward_the_retained_map():
     alone = unlearn(q_old, model, loss, [(x[:400], y[:400])], curvature="ggn", mc_samples=8)
     state = torch.get_rng_state()
     fixed = unlearn(q_old, model, loss, [(x[:400], y[:400])], curvature="ggn", mc_samples=8,
-                    retain_data=[(x[400:], y[400:])], retain_size=1600, steps=300, lr=0.05)
+                    retain_data=[(x[400:], y[400:])], retain_size=1600, steps=3000, lr=0.05)
     assert torch.equal(torch.get_rng_state(), state)
     assert 0.12 < dist(alone.posterior) < 0.2, dist(alone.posterior)
-    assert dist(fixed.posterior) < 0.8 * dist(alone.posterior), (dist(fixed.posterior), dist(alone.posterior))
-    assert fixed.record["method"] == "eq32+poco" and fixed.grad_evals == alone.grad_evals + 300 * 2 * 1600
+    assert dist(fixed.posterior) < 0.3 * dist(alone.posterior), (dist(fixed.posterior), dist(alone.posterior))
+    assert fixed.record["method"] == "eq32+poco" and fixed.grad_evals == alone.grad_evals + 3000 * 2 * 1600
     assert torch.equal(model.weight, q_old.mean["weight"])  # the model is left as it was
 
 

@@ -387,6 +387,7 @@ def unlearn(
     retain_size: Optional[int] = None,
     steps: int = 0,
     lr: float = 0.05,
+    start: str = "eq32",
     learner_kw: Optional[dict[str, Any]] = None,
     seed: int = 0,
     progress: bool = False,
@@ -418,7 +419,8 @@ def unlearn(
             :class:`~vbpc.ContinualIVON` steps with prior :math:`q_{rm}`, the replay correction of eq. (29) on
             batches of ``retain_data`` (a memory of retained examples, cycled) anchored at :math:`q_{old}`,
             weighted by ``retain_size`` (:math:`N_{ret}`, the number of retained examples), at learning rate ``lr``;
-            ``learner_kw`` are further :class:`~vbpc.ContinualIVON` arguments (defaults ``hess_init=1e-6``,
+            ``start``: where the steps start, ``"eq32"`` (:math:`m_{rm}`) or ``"old"`` (:math:`m_{old}`; the
+            prior is :math:`q_{rm}` either way, so the fixed point is the same); ``learner_kw`` are further :class:`~vbpc.ContinualIVON` arguments (defaults ``hess_init=1e-6``,
             ``beta2=0.999``: the posterior starts at :math:`q_{rm}`).
         seed: the draws' generator (the global RNG is untouched).
 
@@ -433,6 +435,8 @@ def unlearn(
         raise ValueError("the forget set is empty: nothing to unlearn")
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if start not in ("eq32", "old"):
+        raise ValueError(f"invalid start={start!r}; expected 'eq32' (the mean of eq. 32) or 'old' (the old mean)")
     if steps and (retain_data is None or retain_size is None or not retain_size > 0):
         raise ValueError("corrected steps after eq. (32) need retain_data (a memory of retained examples) and "
                          "retain_size > 0 (how many retained examples it stands for)")
@@ -468,21 +472,23 @@ def unlearn(
     if steps:
         assert retain_data is not None and retain_size is not None
         n_ret = float(retain_size) * (1.0 if data_size is None else float(posterior._entries[0].ess) / data_size)
-        q_rm, step_evals = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, n_ret,
-                                            steps, lr, seed, dict(learner_kw or {}))
+        q_rm, step_evals, step_clamped = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, n_ret,
+                                            steps, lr, seed, start, dict(learner_kw or {}))
         evals += step_evals
-        record.update(method="eq32+poco", steps=steps, lr=lr, retain_size=retain_size)
+        record.update(method="eq32+poco", steps=steps, lr=lr, start=start, retain_size=retain_size, clamped_after_steps=step_clamped)
     record["grad_evals"] = evals
     return Unlearned(q_rm, n, clamped, posterior.numel(), evals, record)
 
 
 def _corrected_steps(q_rm: GaussianPosterior, q_old: GaussianPosterior, model: nn.Module,
                      loss_fn: Callable[[Any], Tensor], retain_data: Iterable[Any], retain_size: float, steps: int,
-                     lr: float, seed: int, learner_kw: dict[str, Any]) -> tuple[GaussianPosterior, int]:
+                     lr: float, seed: int, start: str, learner_kw: dict[str, Any],
+                     ) -> tuple[GaussianPosterior, int, int]:
     r"""``steps`` corrected steps from :math:`q_{rm}`: :class:`~vbpc.ContinualIVON` with prior :math:`q_{rm}`,
     anchor :math:`q_{old}`, no new data and the retained memory weighted by :math:`N_{ret}` (eq. 29 with
-    :math:`N_{new}=0`).  The model's weights are restored; returns a frozen copy of the posterior and the
-    per-example gradient evaluations (two passes per memory example: at :math:`q` and at :math:`q_{old}`)."""
+    :math:`N_{new}=0`).  The model's weights are restored; returns a frozen copy of the posterior (precisions
+    below the prior's clamped at :math:`\lambda\delta`), the per-example gradient evaluations (two passes per
+    memory example: at :math:`q` and at :math:`q_{old}`) and the number of clamped entries."""
     from .continual import ContinualIVON, cycle
 
     if not (isinstance(q_rm, DiagonalGaussian) and isinstance(q_old, DiagonalGaussian)):
@@ -496,8 +502,19 @@ def _corrected_steps(q_rm: GaussianPosterior, q_old: GaussianPosterior, model: n
     saved = [t.detach().clone() for t in targets]  # type: ignore[union-attr]
     kw = {"hess_init": 1e-6, "beta2": 0.999, **learner_kw}
     try:
+        if start == "old":
+            with torch.no_grad():
+                for t, e in zip(targets, q_old._entries):
+                    t.copy_(e.mean)  # type: ignore[union-attr]
         opt = ContinualIVON(targets, lr=lr, ess=ess.pop(), prior=q_rm, anchor=q_old, model=model, correction=True,
-                            memory_weight=retain_size, data_size=0.0, start="prior", weight_decay=wd.pop(), **kw)
+                            memory_weight=retain_size, data_size=0.0, start="prior" if start == "eq32" else "keep",
+                            weight_decay=wd.pop(), **kw)
+        # the memory's curvature under q_old: the retained data's part of the old precision, S_rm − λδ, per
+        # retained example (the K-prior identity: the correction then removes exactly what q_rm holds)
+        lam_, wd_ = float(q_old._entries[0].ess), float(q_old._entries[0].weight_decay)
+        base = DiagonalGaussian([Entry(eo.name, eo.mean, (eo.precision() - er.precision()).div_(lam_).clamp_(min=0.0),
+                                       lam_, wd_) for eo, er in zip(q_old._entries, q_rm._entries)])
+        opt.set_memory_curvature_from(base, model=model)
         evals = 0
         batches = iter(cycle(retain_data))
         with torch.random.fork_rng(devices=[]):  # reproducible from ``seed``; the caller's RNG is untouched
@@ -512,9 +529,14 @@ def _corrected_steps(q_rm: GaussianPosterior, q_old: GaussianPosterior, model: n
                     return loss
                 opt.step(None, memory=memory)
                 evals += 2 * opt.mc_samples * batch_size_of(batch)
-        post = DiagonalGaussian.from_state_dict(opt.posterior(model).state_dict())
+        live = opt.posterior(model)
+        # the corrected curvature can pull a precision below the prior's: clamp at λδ as eq. (32) does
+        entries = [Entry(e.name, e.mean.detach().clone(), e.hess.detach().clamp(min=0.0), e.ess, e.weight_decay)
+                   for e in live._entries]
+        clamped = sum(int((e.hess < 0).sum()) for e in live._entries)
+        post = DiagonalGaussian(entries)
     finally:
         with torch.no_grad():
             for t, v in zip(targets, saved):
                 t.copy_(v)  # type: ignore[union-attr]
-    return post.bind(model), evals
+    return post.bind(model), evals, clamped
