@@ -208,8 +208,9 @@ class TasksConfig:
     converge_max_epochs: int = setting(10, help="old_posterior=converge: at most this many extra epochs")
     clamp_memory_curvature: bool = setting(False, help="clamp (N_old/λ) h̄_M(q_old) to [0, δ_v − δ] "
                                            "(set_memory_curvature; needed only for old_posterior=ivon)")
-    memory_curvature_every: Optional[int] = setting(40, help="re-draw h̄_M(q_old) every k steps (running mean; None: "
-                                                    "once per task)")
+    memory_curvature_every: Optional[int] = setting(40, help="old_posterior=ivon: re-draw the memory's Price "
+                                                    "curvature h̄_M(q_old) every k steps (running mean; None: once "
+                                                    "per task)")
     ess: str = setting("task", help="λ of task t: 'task' (N_new; the memory weighs N_old/N_new) or 'all' "
                        "(every example seen)")
     memory_curvature_mc: int = setting(4, help="antithetic draws for the memory's Hessian under q_old "

@@ -229,20 +229,29 @@ def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, mode
 def converge_hessian(opt: Any, run_epoch: Callable[[], Any], *, tol: float = 0.01, max_epochs: int = 20) -> int:
     r"""Continue IVON epochs until :math:`h` has converged: stop after the first epoch with
     :math:`\lVert h_{after}-h_{before}\rVert_2/\lVert h_{before}\rVert_2<` ``tol`` (all tensors
-    together), or after ``max_epochs``; returns the epochs run.  ``run_epoch()`` runs one epoch of
+    together; for :class:`vbpc.ContinualIVON` the data part :math:`h`, without the prior's
+    :math:`\delta_v`), or after ``max_epochs``; returns the epochs run.  ``run_epoch()`` runs one epoch of
     ``opt.step`` calls.  At β2 = 0.999 an epoch of ~80 steps moves :math:`h` only ~8% toward its
     target, so the criterion is met late (or not at all within ``max_epochs``): the curvature pass
     (:func:`laplace_posterior`) is the cheaper way to a consistent old posterior (docs/algorithms.md §8)."""
     if not (tol > 0 and isinstance(max_epochs, int) and max_epochs >= 1):
         raise ValueError(f"converge_hessian needs tol > 0 and max_epochs >= 1 (got {tol!r}, {max_epochs!r})")
-    params = [p for g in opt.param_groups for p in g["params"] if p in opt.state and "hess" in opt.state[p]]
-    if not params:
+    groups = [(p, float(g["weight_decay"])) for g in opt.param_groups for p in g["params"]
+              if p in opt.state and "hess" in opt.state[p]]
+    if not groups:
         raise ValueError("converge_hessian: the learner has no IVON state yet; run at least one step first")
+
+    def data_h(p: Tensor, wd: float) -> Tensor:
+        """h itself: ContinualIVON's state is h + δ_v − δ (the prior part would dilute the criterion)."""
+        st = opt.state[p]
+        h = st["hess"].detach().to(torch.float64, copy=True)
+        return h - st["prior_delta"].double() + wd if "prior_delta" in st else h
+
     for epoch in range(1, max_epochs + 1):
-        before = [opt.state[p]["hess"].detach().clone() for p in params]
+        before = [data_h(p, wd) for p, wd in groups]
         run_epoch()
-        num = sum(float((opt.state[p]["hess"] - b).double().square().sum()) for p, b in zip(params, before))
-        den = sum(float(b.double().square().sum()) for b in before)
+        num = sum(float((data_h(p, wd) - b).square().sum()) for (p, wd), b in zip(groups, before))
+        den = sum(float(b.square().sum()) for b in before)
         if math.sqrt(num) < tol * math.sqrt(den):
             return epoch
     return max_epochs

@@ -25,9 +25,10 @@ Methods, all IVON-based unless noted:
 * ``poco-tempered``: ``poco`` with :math:`N_{old}` = ``tasks.tempered_weight`` (reported next to it);
 * ``adamw``: AdamW naive finetuning (a non-Bayesian reference).
 
-With ``converge`` or ``ivon`` the memory curvature :math:`\bar h_{\mathcal M}(q_{old})` is a Price estimate on the
-memory, re-drawn every ``tasks.memory_curvature_every`` steps (running mean,
-:meth:`~vbpc.ContinualIVON.set_memory_curvature`).
+With ``curvature`` and ``converge`` the correction's :math:`\bar h_{\mathcal M}(q_{old})` is the old-data part
+of :math:`p_{old}` per old example (the first task's prior subtracted); with ``ivon`` it is a Price estimate
+on the memory, re-drawn every ``tasks.memory_curvature_every`` steps (running mean,
+:meth:`~vbpc.ContinualIVON.set_memory_curvature`), clamped with ``tasks.clamp_memory_curvature``.
 
 After each task the run evaluates every seen task (BMA over ``test_samples`` posterior samples)
 and logs the accuracy matrix :math:`R_{t,j}`, the average accuracy :math:`A_t=\frac1t\sum_{j\le t}R_{t,j}`,
@@ -211,6 +212,8 @@ class _Method:
         if self.name not in ("laplace",) + CORRECTED or (self.corrected and tc.old_posterior == "ivon"):
             return
         if self.corrected and tc.old_posterior == "converge":
+            if self.base is None:  # p_old's part that is not old data: IVON's prior N(0, λ1 δ)
+                self.base = frozen_posterior(self.opt.posterior(self.model)).prior()
             self.info["converge_epochs"] = converge_hessian(self.opt, run_epoch, tol=tc.converge_tol,
                                                             max_epochs=tc.converge_max_epochs)
             return
@@ -263,7 +266,7 @@ class _Method:
         self.opt = get_learner("continual-ivon").build(
             named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
             weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None, **kw)
-        if correction and tc.old_posterior == "curvature":  # the K-prior identity: the same h̄ as in p_old
+        if correction and tc.old_posterior != "ivon":  # the K-prior identity: the same h̄ as in p_old
             self.opt.set_memory_curvature_from(self.base, model=self.model)
         elif correction:
             self.opt.set_memory_curvature(lambda b: task_loss(self.model, *b), self._chunks(self.memory,
