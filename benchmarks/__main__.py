@@ -59,6 +59,8 @@ SUITE: dict[str, tuple[Callable[[list[str]], object], list[str], list[str], str]
                             "--set", "progress=false", "--set", f"out={QUICK}/continual_permuted"],
                            ["--set", "out=benchmarks/results/continual_permuted"],
                            "continual-learning table (permuted)"),
+    "unlearning": (_module("unlearning"), ["--quick", "--out", QUICK], [],
+                   "Fashion-MNIST unlearning: eq. (32), + corrected steps, finetune vs retraining (3 paired seeds)"),
     "merge": (_cli("merge-eval", "examples/configs/merge_permuted.yaml", "--overwrite"),
               ["--set", "seeds=[0]", "--set", "tasks.train_size=500", "--set", "base_size=500",
                "--set", "tasks.n_tasks=2", "--set", "progress=false", "--set", f"out={QUICK}/merge"],

@@ -83,8 +83,8 @@ class Data:
         self.xv, self.yv = x[args.train:], y[args.train:]
         self.xt, self.yt = load_fashion_mnist("test").tensors
         if args.quick:
-            self.xt, self.yt = self.xt[:2000], self.yt[:2000]
-            self.xv, self.yv = self.xv[:1000], self.yv[:1000]
+            self.xt, self.yt = self.xt[:1000], self.yt[:1000]
+            self.xv, self.yv = self.xv[:500], self.yv[:500]
 
 
 def forget_set(scenario: str, data: Data, args: argparse.Namespace, seed: int) -> Tensor:
@@ -332,7 +332,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args(argv)
     if args.quick:
-        args.train, args.epochs, args.seeds, args.steps, args.lrs = 3000, 1, [0], 20, [0.1]
+        args.train, args.epochs, args.seeds, args.steps, args.lrs = 2000, 1, [0], 10, [0.1]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = Data(args)
     t0 = time.perf_counter()

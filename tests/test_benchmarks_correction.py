@@ -61,3 +61,25 @@ def test_ablation_quick_writes_results(tmp_path):
     assert (tmp_path / "ablation.md").read_text() == md
     with pytest.raises(FileNotFoundError, match="ablation.json"):
         ablation.main(["--from-json", "--out", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.slow
+def test_unlearning_quick_writes_results(tmp_path):
+    """The unlearning study's --quick run: every method on both forget sets, costs that add up, the
+    gold standard at KL 0 from itself and never predicting the class it never saw."""
+    import unlearning
+
+    assert unlearning.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "unlearning.json").read_text())
+    md = (tmp_path / "unlearning.md").read_text()
+    assert (tmp_path / "unlearning.png").stat().st_size > 0
+    for scenario in ("class", "random"):
+        rows = report["runs"]["0"][scenario]["rows"]
+        assert set(rows) == set(unlearning.METHODS)
+        assert rows["retrain"]["kl_test"] == pytest.approx(0.0, abs=1e-12)
+        n = report["runs"]["0"][scenario]["n_forget"]
+        assert rows["eq32"]["grad_evals"] == 11 * n  # at the mean: the gradient and ten GGN class passes
+        assert rows["eq32+poco"]["grad_evals"] == 11 * n + 10 * 2 * 128
+        assert rows["finetune"]["grad_evals"] == 2 * 10 * 128
+    assert report["runs"]["0"]["class"]["rows"]["retrain"]["forget_acc"] == 0.0
+    assert "Unlearning class 3" in md and "paired differences" in md
