@@ -203,7 +203,8 @@ def run_seed(seed: int, data: Data, args: argparse.Namespace, lrs: dict[str, flo
             return metrics(predict(model, post, data.xv[cls_mask_v], args.test_samples, seed),
                            data.yv[cls_mask_v])["nll"]
 
-        def eq32(post: DiagonalGaussian, steps: int = 0, lr: float = 0.0, start: str = "eq32") -> tuple[Any, int, float]:
+        def eq32(post: DiagonalGaussian, steps: int = 0, lr: float = 0.0,
+                 start: str = "eq32") -> tuple[Any, int, float]:
             t = time.perf_counter()
             r = unlearn(post, model, loss_fn, chunks, curvature="ggn", mc_samples=0, data_size=float(len(data.y)),
                         retain_data=retain if steps else None, retain_size=len(kept), steps=steps, lr=lr, seed=seed,
@@ -304,7 +305,8 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> str:
             e = paired([r["rows"][m]["test_acc"] for r in runs], [r["rows"]["eq32"]["test_acc"] for r in runs])
             diffs.append([m, _ci(d, len(runs)), _ci(e, len(runs))])
         parts.append(markdown_table(["method", "KL to retrain (test) − eq32", "test acc (kept) − eq32"], diffs,
-                                    f"{what}: paired differences against eq. (32) alone (95% t-intervals; * excludes 0)"))
+                                    f"{what}: paired differences against eq. (32) alone "
+                                    "(95% t-intervals; * excludes 0)"))
     return "\n".join(parts)
 
 

@@ -236,7 +236,8 @@ def test_corrected_steps_on_the_retained_data_move_toward_the_retained_map():
     """Logistic regression (non-quadratic, so eq. 32 alone is an approximation): after IVON on all
     2000 examples, forgetting 400 shifted ones by eq. (32) lands 0.157 from the retained-data MAP
     (L-BFGS, independent of vbpc); 3000 corrected steps with the retained data as memory bring it to
-    0.031 (measured; a per-step Price memory curvature instead plateaus near 0.09).  IVON's own noise floor here is 0.02 (its mean vs the all-data
+    0.031 (measured; a per-step Price memory curvature instead plateaus near 0.09).  IVON's own noise
+    floor here is 0.02 (its mean vs the all-data
     MAP).  The memory curvature is the retained part of the old precision (the K-prior identity)."""
     torch.manual_seed(0)
     n, d = 2000, 5

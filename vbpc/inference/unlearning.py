@@ -88,6 +88,7 @@ def _per_example_curvature(model: nn.Module, names: list[str], theta: dict[str, 
     (one pass).  Returns the means and the number of per-example passes."""
     with torch.no_grad():
         probs = F.softmax(model(x).double(), -1)
+    vs: list[tuple[Tensor, Optional[Tensor]]]
     if kind is UnlearnCurvature.FISHER:
         y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
         vs = [(probs - F.one_hot(y, probs.shape[-1]).to(probs), None)]
@@ -137,7 +138,7 @@ def _linear_squares(model: nn.Module, names: list[str], x: Tensor,
     b = x.shape[0]
     for v, weight in vs:
         gammas = torch.autograd.grad(logits, outs, grad_outputs=v.to(logits.dtype), retain_graph=True)
-        for (path, mod), gam in zip(layers.items(), gammas):
+        for path, gam in zip(layers, gammas):
             g2 = gam.double().square()
             if weight is not None:
                 g2 = g2 * weight.unsqueeze(1)
@@ -214,9 +215,9 @@ def forget_statistics(
     if curv is UnlearnCurvature.PRICE:
         assert isinstance(posterior, DiagonalGaussian)
         sigma = [e.precision().rsqrt() for e in posterior._entries]
-        passes = anchor.refresh(loss_fn, data, scale=sigma, hessian=True, refresh_mc=mc_samples,
-                                antithetic=antithetic, means=[e.mean for e in entries], names=names, model=model,
-                                progress=progress)
+        anchor.refresh(loss_fn, data, scale=sigma, hessian=True, refresh_mc=mc_samples,
+                       antithetic=antithetic, means=[e.mean for e in entries], names=names, model=model,
+                       progress=progress)
         assert anchor.grad is not None and anchor.hess is not None
         draws = mc_samples * (2 if antithetic else 1)
         return anchor.grad, anchor.hess, anchor.examples, draws * anchor.examples
@@ -420,7 +421,8 @@ def unlearn(
             batches of ``retain_data`` (a memory of retained examples, cycled) anchored at :math:`q_{old}`,
             weighted by ``retain_size`` (:math:`N_{ret}`, the number of retained examples), at learning rate ``lr``;
             ``start``: where the steps start, ``"eq32"`` (:math:`m_{rm}`) or ``"old"`` (:math:`m_{old}`; the
-            prior is :math:`q_{rm}` either way, so the fixed point is the same); ``learner_kw`` are further :class:`~vbpc.ContinualIVON` arguments (defaults ``hess_init=1e-6``,
+            prior is :math:`q_{rm}` either way, so the fixed point is the same); ``learner_kw`` are further
+            :class:`~vbpc.ContinualIVON` arguments (defaults ``hess_init=1e-6``,
             ``beta2=0.999``: the posterior starts at :math:`q_{rm}`).
         seed: the draws' generator (the global RNG is untouched).
 
@@ -475,7 +477,8 @@ def unlearn(
         q_rm, step_evals, step_clamped = _corrected_steps(q_rm, posterior, model, loss_fn, retain_data, n_ret,
                                             steps, lr, seed, start, dict(learner_kw or {}))
         evals += step_evals
-        record.update(method="eq32+poco", steps=steps, lr=lr, start=start, retain_size=retain_size, clamped_after_steps=step_clamped)
+        record.update(method="eq32+poco", steps=steps, lr=lr, start=start, retain_size=retain_size,
+                      clamped_after_steps=step_clamped)
     record["grad_evals"] = evals
     return Unlearned(q_rm, n, clamped, posterior.numel(), evals, record)
 
