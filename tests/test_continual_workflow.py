@@ -58,8 +58,10 @@ def test_quick_config_runs_end_to_end(tmp_path, capsys, config):
         assert len(r["acc"]) == r["task"] and 0.0 <= r["ece"] <= 1.0
         assert r["avg_acc"] == pytest.approx(sum(r["acc"]) / len(r["acc"]))
     first = [r for r in rows if r["task"] == 1 and r["seed"] == 0]
-    # task 1 is plain IVON for naive, vcl and poco (same seed): identical numbers
-    assert len({json.dumps(r["acc"]) for r in first if r["method"] != "adamw"}) == 1
+    # task 1 is plain IVON for every IVON-based method (same seed): naive and vcl evaluate IVON's posterior,
+    # laplace/poco/poco-tempered the same end-of-task curvature-pass posterior: identical numbers within each
+    assert len({json.dumps(r["acc"]) for r in first if r["method"] in ("naive", "vcl")}) == 1
+    assert len({json.dumps(r["acc"]) for r in first if r["method"] in ("laplace", "poco", "poco-tempered")}) == 1
     chance = 0.5 if config == "continual_split" else 0.1
     assert min(r["acc"][0] for r in first if r["method"] != "adamw") > chance + 0.2  # real learning, even this tiny
     res = json.loads((tmp_path / "results.json").read_text())
