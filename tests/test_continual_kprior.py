@@ -151,7 +151,7 @@ def test_once_per_task_memory_curvature_lands_further_from_the_joint_solution():
     h̄_M(q_old) drawn once (4 antithetic draws) keeps its Monte-Carlo error for the whole run and moves
     the solution; re-drawn every 10 steps (running mean) or estimated per step it does not.  Distances of
     the Polyak-averaged mean (second half of 600 steps) to the joint MAP, seeds 0-3 (measured: once
-    1.43/0.90/0.70/1.28, every 10 steps 0.17-0.18, per step 0.18-0.21)."""
+    1.43/0.90/0.70/1.28, every 10 steps 0.16-0.18, per step 0.18-0.21)."""
     n, wd = 200, 1e-2
     (x1, y1), (x2, y2) = _two_class_tasks(n)
     m1 = _ce_map([(x1, y1)], wd, n)
