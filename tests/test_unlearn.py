@@ -126,6 +126,15 @@ def test_clamp_at_the_prior_precision_is_counted():
     assert clamped == 2
     torch.testing.assert_close(q.precision["theta"][[1, 3]], torch.full((2,), lam * DELTA, dtype=torch.float64))
     torch.testing.assert_close(q.precision["theta"][[0, 2]], s_all[[0, 2]])
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    keep, _ = newton_removal(post, [g], [h])  # clamped entries keep their mean
+    torch.testing.assert_close(keep.mean["theta"], m_all + torch.tensor([1.0 / s_all[0], 0.0, 3.0 / s_all[2], 0.0],
+                                                                        dtype=torch.float64), rtol=0, atol=1e-14)
+    newton, _ = newton_removal(post, [g], [h], clamped_mean="newton")  # or step at the floor
+    torch.testing.assert_close(newton.mean["theta"][[1, 3]], m_all[[1, 3]] + g[[1, 3]] / (lam * DELTA), rtol=0,
+                               atol=1e-14)
+    with pytest.raises(ValueError, match="clamped_mean"):
+        newton_removal(post, [g], [h], clamped_mean="skip")
 
 
 def _softmax_model(seed=0):

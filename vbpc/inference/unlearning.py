@@ -288,14 +288,20 @@ def newton_removal(
     hess_sum: list[Tensor],
     *,
     floor: Optional[float] = None,
+    clamped_mean: str = "keep",
 ) -> tuple[GaussianPosterior, int]:
     r"""Eq. (32) from the sums :math:`\sum_jG_j` and :math:`\sum_jH_j`: a new posterior (copies) and the
     number of clamped entries.
 
     Diagonal: :math:`S_{rm}=\max(S_{old}-\sum H_j,\ \lambda\delta)` per entry (the prior precision;
-    ``floor`` overrides it), kept in the ``(ess, hess, weight_decay)`` form with the same λ and δ.
+    ``floor`` overrides it), kept in the ``(ess, hess, weight_decay)`` form with the same λ and δ.  Where
+    the clamp acts, the forget set's curvature exceeds what the posterior holds and the quadratic model
+    is not trusted: ``clamped_mean="keep"`` (default) leaves the mean there, ``"newton"`` takes the
+    step :math:`\sum_jG_j/(\lambda\delta)` anyway (measured to wreck a network when a few entries clamp).
     Full: eigenvalues of :math:`S_{old}-\sum H_j` below ``floor`` are raised to it (without
     ``floor`` a non-positive-definite result is refused)."""
+    if clamped_mean not in ("keep", "newton"):
+        raise ValueError(f"invalid clamped_mean={clamped_mean!r}; expected 'keep' or 'newton'")
     if isinstance(posterior, DiagonalGaussian):
         entries, clamped = [], 0
         for e, g, h in zip(posterior._entries, grad_sum, hess_sum):
@@ -308,7 +314,10 @@ def newton_removal(
                                  "(a posterior without a prior part); pass floor= (a positive prior precision)")
             clamped += int(under.sum())
             s_rm = torch.where(under, torch.full_like(s_rm, low), s_rm)
-            m_rm = e.mean.double() + g.double() / s_rm
+            step = g.double() / s_rm
+            if clamped_mean == "keep":
+                step = torch.where(under, torch.zeros_like(step), step)
+            m_rm = e.mean.double() + step
             dtype = e.hess.dtype
             entries.append(Entry(e.name, m_rm.to(e.mean.dtype), (s_rm / e.ess - e.weight_decay).to(dtype),
                                  float(e.ess), float(e.weight_decay)))
@@ -381,6 +390,7 @@ def unlearn(
     antithetic: bool = True,
     inputs: Callable[[Any], Tensor] = lambda batch: batch[0],
     floor: Optional[float] = None,
+    clamped_mean: str = "keep",
     data_size: Optional[float] = None,
     forget_index: Any = None,
     train_index: Any = None,
@@ -413,6 +423,8 @@ def unlearn(
             and that is the weight divided out; ``None`` means :math:`\lambda=N` (weight 1, IVON's default).
         floor: the diagonal precision floor (default :math:`\lambda\delta`, the prior's); for the full family
             the eigenvalue floor (default: refuse an indefinite result).
+        clamped_mean: diagonal entries whose precision was clamped keep their mean (``"keep"``, default) or
+            take the Newton step at the floor (``"newton"``); see :func:`newton_removal`.
         forget_index, train_index: optional example indices of the forget set and of the training data
             (an int ``n`` = ``range(n)``): repeats and examples outside the training data are warned about.
             Without them membership cannot be checked.
@@ -462,11 +474,12 @@ def unlearn(
     else:  # the sites weigh λ/N in a posterior fitted with ess λ on N examples
         g_w = h_w = [n * (1.0 if data_size is None else float(e.ess) / data_size) for e in posterior._entries]
     q_rm, clamped = newton_removal(posterior, [g * w for g, w in zip(g_bar, g_w)], [h * w for h, w in zip(h_bar, h_w)],
-                                   floor=floor)
+                                   floor=floor, clamped_mean=clamped_mean)
     q_rm.bind(model)
     record: dict[str, Any] = {
         "method": "eq32", "n_forget": n, "curvature": parse_enum(UnlearnCurvature, curvature, "curvature").value,
-        "mc_samples": mc_samples, "antithetic": antithetic, "clamped": clamped, "numel": posterior.numel(),
+        "mc_samples": mc_samples, "antithetic": antithetic, "clamped": clamped, "clamped_mean": clamped_mean,
+        "numel": posterior.numel(),
         "grad_evals": evals, "seed": seed,
     }
     if idx is not None:
