@@ -24,7 +24,7 @@ every method at a seed):
   (``--test-samples 0``) or by BMA; costs in per-example gradient evaluations.
 
 Run:  python -m benchmarks run unlearning [--quick]
-Writes ``unlearning.json``, ``unlearning.md`` and ``unlearning.png`` into ``--out``.
+Writes ``unlearning.json``, ``unlearning.md``, ``unlearning_headline.md`` and ``unlearning.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -317,6 +317,24 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(parts)
 
 
+def headline(report: dict[str, Any], args: argparse.Namespace) -> str:
+    """The README's short table: both forget sets, the four numbers that matter, mean over seeds."""
+    head = ["method", "class: forget acc", "class: test acc (kept)", "class: KL to retrain",
+            "1%: test acc", "1%: KL to retrain", "grad evals (class)"]
+    runs = {sc: [r[sc] for r in report["runs"].values() if sc in r] for sc in SCENARIOS}
+    rows = []
+    for m in METHODS:
+        def mean(sc: str, key: str) -> float:
+            return statistics.mean(r["rows"][m][key] for r in runs[sc])
+        rows.append([m, f"{mean('class', 'forget_acc'):.3f}", f"{mean('class', 'test_acc'):.3f}",
+                     f"{max(0.0, mean('class', 'kl_test')):.3g}", f"{mean('random', 'test_acc'):.3f}",
+                     f"{max(0.0, mean('random', 'kl_test')):.3g}", f"{mean('class', 'grad_evals'):,.0f}"])
+    n = len(runs["class"])
+    return markdown_table(head, rows, f"Unlearning class {args.forget_class} and a random "
+                                      f"{args.forget_fraction:.0%} of {args.train:,} Fashion-MNIST images "
+                                      f"(mean of {n} seed(s); the full tables with ± std are in docs/benchmarks.md)")
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = subplots(1, 4, figsize=(15, 3.4))
     for si, scenario in enumerate(SCENARIOS):
@@ -358,6 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = summarize(report, args)
     write_json(out / "unlearning.json", json.loads(json.dumps(report, default=str)))
     atomic_write_text(out / "unlearning.md", table)
+    atomic_write_text(out / "unlearning_headline.md", headline(report, args))
     plot(report, out / "unlearning.png")
     print(table)
     return 0
