@@ -7,35 +7,11 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from test_continual import _closure, _data, _grad, _model  # the shared float64 fixtures
 from torch.nn import functional as F
 
 import vbpc
 from vbpc.errors import SamplingError, StateDictMismatchError
-
-
-def _data(seed: int, n: int = 40, d: int = 5, k: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(d, k, generator=g, dtype=torch.float64)
-    y = (x @ w + 0.5 * torch.randn(n, k, generator=g, dtype=torch.float64)).argmax(1)
-    return x, y
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(5, 3).to(torch.float64)
-
-
-def _closure(model, opt, x, y, record=None):
-    def closure():
-        opt.zero_grad()
-        if record is not None:
-            record.append([p.detach().clone() for p in model.parameters()])
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def _posterior(model, seed: int, steps: int = 30) -> vbpc.DiagonalGaussian:
@@ -44,15 +20,6 @@ def _posterior(model, seed: int, steps: int = 30) -> vbpc.DiagonalGaussian:
     for _ in range(steps):
         opt.step(_closure(model, opt, x, y))
     return copy.deepcopy(opt.posterior(model)).bind(model)
-
-
-def _grad(model, theta, x, y):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, t in zip(m.parameters(), theta):
-            p.copy_(t)
-    loss = F.cross_entropy(m(x), y)
-    return [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
 
 
 @pytest.mark.parametrize("data_size", [0.0, 25.0])
