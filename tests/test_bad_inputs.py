@@ -308,7 +308,9 @@ def test_23_cli_reports_a_config_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == ("vbpc: error: unknown config key 'tasks.epoch'; did you mean 'tasks.epochs'? (valid keys: "
                    "tasks.scenario, tasks.n_tasks, tasks.train_size, tasks.test_size, tasks.batch_size, tasks.epochs, "
-                   "tasks.memory_per_task, tasks.memory_batch_size, tasks.memory_weight, tasks.ess, "
+                   "tasks.memory_per_task, tasks.memory_batch_size, tasks.memory_weight, tasks.tempered_weight, "
+                   "tasks.old_posterior, tasks.old_posterior_mc, tasks.converge_tol, tasks.converge_max_epochs, "
+                   "tasks.clamp_memory_curvature, tasks.memory_curvature_every, tasks.ess, "
                    "tasks.memory_curvature_mc, tasks.root) (vbpc continual)\n")  # one line, no traceback
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(ConfigError, match="unknown config key 'tasks.epoch'"):  # --debug: the exception itself
@@ -371,7 +373,7 @@ def test_27_zero_draws_are_refused():
     prior = vbpc.IVON(model.parameters(), lr=0.1, ess=8.0).posterior(model)
     cont = vbpc.ContinualIVON(model.parameters(), lr=0.1, ess=8.0, prior=prior, model=model, correction=True,
                               memory_weight=8.0)
-    with pytest.raises(ValueError, match=r"refresh_mc \(mc_samples\) >= 1 draws, got 0"):
+    with pytest.raises(ValueError, match=r"mc_samples must be an int >= 1, got 0"):
         cont.set_memory_curvature(lambda b: F.cross_entropy(model(b[0]), b[1]), [(x, y)], mc_samples=0)
     assert getattr(cont, "memory_hess", None) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
