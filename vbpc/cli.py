@@ -216,9 +216,9 @@ def _add_merge(sub: Any) -> None:
 def _unlearn(args: argparse.Namespace) -> int:
     from .workflows.unlearning import unlearn_checkpoint
 
-    r = unlearn_checkpoint(args.checkpoint, args.forget, args.out, curvature=args.curvature,
-                           mc_samples=args.mc_samples, steps=args.steps, lr=args.lr, memory=args.memory,
-                           batch_size=args.batch_size, seed=args.seed, root=args.root, overwrite=args.overwrite,
+    mc = args.mc_samples if args.mc_samples is not None else (1 if args.curvature == "price" else 0)
+    r = unlearn_checkpoint(args.checkpoint, args.forget, args.out, curvature=args.curvature, mc_samples=mc,
+                           steps=args.steps, lr=args.lr, memory=args.memory, batch_size=args.batch_size, seed=args.seed, root=args.root, overwrite=args.overwrite,
                            progress=not args.no_progress)
     print(f"forgot {r['n_forget']:,} of {r['train_examples']:,} training examples ({r['forget']}; {r['method']}, "
           f"curvature {r['curvature']}); {r['clamped']:,} of {r['numel']:,} precision entries clamped at the prior; "
@@ -234,8 +234,11 @@ def _add_unlearn(sub: Any) -> None:
     p.add_argument("checkpoint", help="a `vbpc train` checkpoint with a posterior (IVON family or VON)")
     p.add_argument("--forget", required=True,
                    help="what to forget: class=K, random=F (a fraction), range=A:B or indices=FILE")
-    p.add_argument("--curvature", default="price", choices=["price", "ggn", "fisher", "exact"])
-    p.add_argument("--mc-samples", type=int, default=1, help="posterior draws per chunk (antithetic pairs)")
+    p.add_argument("--curvature", default="ggn", choices=["price", "ggn", "fisher", "exact"],
+                   help="the forget set's curvature: the exact Gauss-Newton diagonal of the cross-entropy (ggn), "
+                        "sampled-label Fisher, Price's estimator or the exact Hessian (small models)")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="posterior draws per chunk, antithetic pairs (default: 0, at the mean; price: 1)")
     p.add_argument("--steps", type=int, default=0, help="corrected steps on a retained memory after eq. (32)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the corrected steps")
     p.add_argument("--memory", type=int, default=2000, help="retained examples in the memory of the corrected steps")
