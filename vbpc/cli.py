@@ -218,8 +218,8 @@ def _unlearn(args: argparse.Namespace) -> int:
 
     mc = args.mc_samples if args.mc_samples is not None else (1 if args.curvature == "price" else 0)
     r = unlearn_checkpoint(args.checkpoint, args.forget, args.out, curvature=args.curvature, mc_samples=mc,
-                           steps=args.steps, lr=args.lr, memory=args.memory, batch_size=args.batch_size, seed=args.seed, root=args.root, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+                           steps=args.steps, lr=args.lr, memory=args.memory, batch_size=args.batch_size,
+                           seed=args.seed, root=args.root, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"forgot {r['n_forget']:,} of {r['train_examples']:,} training examples ({r['forget']}; {r['method']}, "
           f"curvature {r['curvature']}); {r['clamped']:,} of {r['numel']:,} precision entries clamped at the prior; "
           f"{r['grad_evals']:,} per-example gradient evaluations -> {r['out']}")
