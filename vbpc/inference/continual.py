@@ -51,7 +51,15 @@ from .._enums import parse_enum
 from ..errors import SamplingError, StateDictMismatchError
 from ..posterior import DiagonalGaussian, Entry
 from .correction import ReplayCorrection
-from .curvature import Curvature, PreMean, cycle, laplace_posterior, pretrained_posterior, price_curvature
+from .curvature import (
+    Curvature,
+    PreMean,
+    cycle,
+    laplace_posterior,
+    mean_gradient,
+    pretrained_posterior,
+    price_curvature,
+)
 from .ivon_poco import IVONPoCo
 
 __all__ = ["ContinualIVON", "pretrained_posterior", "cycle", "Curvature", "PreMean", "Start"]
@@ -383,6 +391,52 @@ class ContinualIVON(IVONPoCo):
         n_new = float(self.param_groups[0]["ess"]) if self.data_size is None else self.data_size
         return laplace_posterior(self.posterior(mdl), self.prior(), mdl, loss_fn, data, data_size=n_new, terms=terms,
                                  floor=floor, mc_samples=mc_samples, seed=seed, progress=progress)
+
+    def residual(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
+                 memory: Optional[Iterable[Any]] = None, mc_samples: int = 1, seed: int = 0,
+                 model: Optional[nn.Module] = None, progress: bool = False) -> list[Tensor]:
+        r"""The gradient of this learner's objective (29) at its mean, sum scale, the expectations over all
+        of ``data`` (the new task's chunks) and the memory chunks:
+
+        .. math:: r=N_{new}\bar g_{new}(q)+N_{old}\big[\bar g_{\mathcal M}(q)-\bar g_{\mathcal M}(q_{anc})-
+            \bar h_{\mathcal M}(q_{anc})\odot(m-m_{anc})\big]+p_{prior}\odot(m-m_0)
+
+        (the bracket with ``memory``; needs the learner's :math:`\bar h_{\mathcal M}`).  Zero at a fixed point;
+        after an epoch of IVON it is not, and an old posterior used as a prior by (29) must be its fixed point
+        (the next learner's correction subtracts :math:`\bar g_{\mathcal M}(q_{old})` as if :math:`r=0`):
+        :func:`~vbpc.inference.curvature.newton_mean` moves its mean by :math:`-r/p_{old}`
+        (docs/algorithms.md §8)."""
+        mdl = self._norm.model if model is None else model
+        if mdl is None:
+            raise ValueError("residual needs model= (the learner was built without one)")
+        params = self._anchor_params()
+        names = self._names(params)
+        post = self.posterior(mdl)
+        means = [e.mean for e in post._entries]
+        sigma = [e.precision().rsqrt_() for e in post._entries]
+        g_new = mean_gradient(params, loss_fn, list(data), means=means, sigma=sigma, mc_samples=mc_samples,
+                              seed=seed, names=names, model=mdl, progress=progress)
+        n_new = float(self.param_groups[0]["ess"]) if self.data_size is None else self.data_size
+        out = [g.mul(n_new) for g in g_new]
+        if memory is not None:
+            if not self.replay or self.memory_hess is None:
+                raise ValueError("residual(memory=...) needs correction=True and the memory curvature "
+                                 "(set_memory_curvature or set_memory_curvature_from)")
+            chunks = list(memory)
+            a = self.anchor
+            assert a.mean is not None
+            g_m = mean_gradient(params, loss_fn, chunks, means=means, sigma=sigma, mc_samples=mc_samples,
+                                seed=seed + 1, names=names, model=mdl, progress=progress)
+            sigma_a = [r.to(m) / math.sqrt(e) for r, m, e in zip(a.extra["rsqrt"], a.mean, a.extra["ess"])]
+            g_a = mean_gradient(params, loss_fn, chunks, means=list(a.mean), sigma=sigma_a, mc_samples=mc_samples,
+                                seed=seed + 1, names=names, model=mdl, progress=progress)
+            w = float(self.memory_weight or 0.0)
+            for o, gm, ga, hb, m, ma in zip(out, g_m, g_a, self.memory_hess, means, a.mean):
+                o.add_(gm.sub(ga).sub_(hb.to(m) * (m - ma.to(m))), alpha=w)
+        prior = self.prior()
+        for o, e, m in zip(out, prior._entries, means):
+            o.add_(e.precision().to(m) * (m - e.mean.to(m)))
+        return out
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *,  # type: ignore[override]

@@ -18,7 +18,7 @@ from ..posterior import DiagonalGaussian, Entry
 from .poco import Anchor, batch_size_of
 
 __all__ = ["pretrained_posterior", "cycle", "Curvature", "PreMean", "CURVATURES", "PRE_MEANS", "price_curvature",
-           "laplace_posterior", "converge_hessian"]
+           "mean_gradient", "laplace_posterior", "newton_mean", "converge_hessian"]
 
 
 class Curvature(str, enum.Enum):
@@ -171,6 +171,24 @@ def price_curvature(params: list[Tensor], loss_fn: Callable[[Any], Tensor], data
 
 
 @torch.no_grad()
+def mean_gradient(params: list[Tensor], loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
+                  means: list[Tensor], sigma: list[Tensor], mc_samples: int = 1, seed: int = 0,
+                  names: Optional[list[str]] = None, model: Optional[nn.Module] = None,
+                  progress: bool = False) -> list[Tensor]:
+    r"""The mean gradient :math:`\bar g(q)=\mathbb E_q[\nabla\bar\ell_{\mathcal D}]` of ``data`` under
+    :math:`q=\mathcal N(m,\mathrm{diag}(\sigma^2))`, by antithetic pairs :math:`m\pm\sigma\odot z` (chunks
+    weighted by size; the draws of :func:`price_curvature` with the same ``seed``).  The global RNG and
+    ``params`` are left unchanged."""
+    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    probe = Anchor(params, seed=seed)
+    probe.refresh(loss_fn, data, scale=sigma, refresh_mc=mc_samples, antithetic=True, means=means,
+                  names=names or [f"params[{i}]" for i in range(len(params))], model=model, progress=progress)
+    assert probe.grad is not None
+    return [g.to(m.device, m.dtype) for g, m in zip(probe.grad, means)]
+
+
+@torch.no_grad()
 def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, model: nn.Module,
                       loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *, data_size: float,
                       terms: Iterable[tuple[float, list[Tensor]]] = (), floor: bool = False, mc_samples: int = 4,
@@ -224,6 +242,30 @@ def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, mode
         clamped += int((hess < 0).sum())
         entries.append(Entry(e.name, e.mean.detach().clone(), hess.clamp_(min=0.0), e.ess, e.weight_decay))
     return DiagonalGaussian(entries).bind(model), clamped
+
+
+def newton_mean(posterior: DiagonalGaussian, residual: list[Tensor]) -> DiagonalGaussian:
+    r"""The old posterior as the fixed point that (29) assumes: one Newton step on the mean,
+
+    .. math:: \hat m_{old}=m_{old}-r/p_{old}
+
+    with :math:`r` the gradient of the learner's objective at :math:`m_{old}` (sum scale,
+    :meth:`vbpc.ContinualIVON.residual`) and :math:`p_{old}` the posterior's precision (the diagonal curvature
+    of that objective).  As the next task's prior, with the anchor of the replay correction kept at
+    :math:`q_{old}` (``ContinualIVON(prior=newton_mean(q_old, r), anchor=q_old)``), the prior term
+    :math:`\delta_v\odot(m-\hat m_{old})=\delta_v\odot(m-m_{old})+r/\lambda` restores the old objective's
+    gradient :math:`r` at :math:`m_{old}`, which the correction, subtracting :math:`\bar g_{\mathcal M}(q_{old})`
+    as if :math:`q_{old}` were a fixed point, drops otherwise; the dropped gradients accumulate over the tasks
+    (docs/algorithms.md §8).  Same names, precisions and scales as ``posterior`` (unbound)."""
+    if len(residual) != len(posterior._entries):
+        raise ValueError(f"residual has {len(residual)} tensors, the posterior {len(posterior._entries)}")
+    entries = []
+    for e, r in zip(posterior._entries, residual):
+        if tuple(r.shape) != tuple(e.mean.shape):
+            raise ValueError(f"residual for {e.name!r} has shape {tuple(r.shape)}, the mean {tuple(e.mean.shape)}")
+        mean = e.mean.detach() - r.to(e.mean) / e.precision().to(e.mean)
+        entries.append(Entry(e.name, mean, e.hess.detach().clone(), e.ess, e.weight_decay))
+    return DiagonalGaussian(entries)
 
 
 def converge_hessian(opt: Any, run_epoch: Callable[[], Any], *, tol: float = 0.01, max_epochs: int = 20) -> int:

@@ -25,6 +25,13 @@ Methods, all IVON-based unless noted:
 * ``poco-tempered``: ``poco`` with :math:`N_{old}` = ``tasks.tempered_weight`` (reported next to it);
 * ``adamw``: AdamW naive finetuning (a non-Bayesian reference).
 
+With ``curvature`` the next prior is the old posterior at the fixed point (29) assumes (``tasks.old_mean``,
+default ``newton``): its mean moved by :math:`-r/p_{old}`, :math:`r` the learner's gradient at :math:`m_{old}`
+(:meth:`~vbpc.ContinualIVON.residual`, :func:`~vbpc.inference.curvature.newton_mean`), while the correction
+stays anchored at :math:`q_{old}`.  After one epoch :math:`r\ne0`; the correction subtracts
+:math:`\bar g_{\mathcal M}(q_{old})` as if it were zero, and with the unbiased :math:`N_{old}` the dropped
+gradients grow from task to task until the run diverges (permuted Fashion-MNIST, ``final``) [vbpc, measured].
+
 With ``curvature`` and ``converge`` the correction's :math:`\bar h_{\mathcal M}(q_{old})` is the old-data part
 of :math:`p_{old}` per old example (the first task's prior subtracted); with ``ivon`` it is a Price estimate
 on the memory, re-drawn every ``tasks.memory_curvature_every`` steps (running mean,
@@ -54,7 +61,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import ConfigError, ContinualConfig, to_dict
 from ..data import load_fashion_mnist, seed_everything
-from ..inference.curvature import converge_hessian, laplace_posterior
+from ..inference.curvature import converge_hessian, laplace_posterior, mean_gradient, newton_mean
 from ..inference.registry import get_learner
 from ..io import atomic_write_text, run_lock
 from ..metrics import ece as ece_metric
@@ -190,6 +197,7 @@ class _Method:
         self.memory: list[tuple[Tensor, Tensor, Tensor]] = []  # (x, y, cols per example)
         self.old: Any = None  # the end-of-task posterior of a curvature pass (laplace, poco with curvature)
         self.base: Any = None  # the first task's prior N(0, λ1(h0 + δ)): p_old's part that is not old data
+        self.prior_next: Any = None  # old_mean=newton: the old posterior at its fixed point (the next prior)
         self.info: dict[str, Any] = {}  # per-task extras logged in metrics.jsonl
 
     @property
@@ -223,6 +231,7 @@ class _Method:
 
         data = self._chunks([(task.x, task.y, task.cols.expand(len(task), -1))], 512)
         mc, pass_seed = tc.old_posterior_mc, seed * 1000 + len(self.seen)
+        newton = self.corrected and tc.old_mean == "newton"
         if not hasattr(self.opt, "laplace_posterior"):  # task 1: plain IVON; the prior is its initial posterior
             post = frozen_posterior(self.opt.posterior(self.model)).bind(self.model)
             h0 = float(self.cfg.learner.kwargs.get("hess_init", self.opt.param_groups[0]["hess_init"]))
@@ -231,9 +240,23 @@ class _Method:
             self.base = start
             self.old, clamped = laplace_posterior(post, start, self.model, loss, data, data_size=len(task),
                                                 mc_samples=mc, seed=pass_seed)
+            if newton:  # r = N ḡ(q) + λδ m: the gradient of IVON's objective (its prior N(0, λδ)) at m
+                named = dict(self.model.named_parameters())
+                params: list[Tensor] = [named[e.name] for e in post._entries]
+                g = mean_gradient(params, loss, data, means=[e.mean for e in post._entries],
+                                  sigma=[e.precision().rsqrt_() for e in post._entries], mc_samples=mc,
+                                  seed=pass_seed, names=[e.name for e in post._entries], model=self.model)
+                residual = [gi.mul(float(len(task))).add_(e.mean.detach(), alpha=e.ess * e.weight_decay)
+                            for gi, e in zip(g, post._entries)]
         else:  # p_t = p_{t-1} + N_t h̄_t(q_t): old data's curvature stays N_j h̄_j(q_j) (online Laplace)
             self.old, clamped = self.opt.laplace_posterior(loss, data, model=self.model,
                                                            mc_samples=mc, seed=pass_seed)
+            if newton:
+                residual = self.opt.residual(loss, data, memory=self._chunks(self.memory, 512), model=self.model,
+                                             mc_samples=mc, seed=pass_seed)
+        if newton:  # the fixed point (29) assumes: m_old − r/p_old as the next prior's mean, the anchor at q_old
+            self.prior_next = newton_mean(self.old, residual)
+            self.info["residual_norm"] = float(torch.cat([r.flatten() for r in residual]).norm())
         self.info["old_posterior_clamped"] = clamped
 
     def begin(self, task: Task) -> None:
@@ -252,7 +275,9 @@ class _Method:
         if self.name == "naive":  # the same IVON run continues
             return
         prior = frozen_posterior(self.old if self.old is not None else self.opt.posterior(self.model))
-        self.old = None
+        anchor, self.old = None, None
+        if self.prior_next is not None:  # old_mean=newton: the prior at the fixed point, the correction at q_old
+            prior, anchor, self.prior_next = self.prior_next, prior, None
         correction = self.corrected
         n_old = sum(len(t) for t in self.seen)
         tc = self.cfg.tasks
@@ -265,7 +290,8 @@ class _Method:
             ess = float(n_old + len(task))
         self.opt = get_learner("continual-ivon").build(
             named, lr=lc.lr, ess=ess, prior=prior, model=self.model, data_size=len(task),
-            weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None, **kw)
+            weight_decay=lc.weight_decay, correction=correction, memory_weight=weight if correction else None,
+            **({} if anchor is None else {"anchor": anchor}), **kw)
         if correction and tc.old_posterior != "ivon":  # the K-prior identity: the same h̄ as in p_old
             self.opt.set_memory_curvature_from(self.base, model=self.model)
         elif correction:
