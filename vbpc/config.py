@@ -201,9 +201,9 @@ class TasksConfig:
     old_posterior: str = setting("curvature", help="the old posterior of poco/poco-tempered at the end of a task: "
                                  "curvature (a curvature pass at the final mean), converge (more IVON epochs until h "
                                  "converged) or ivon (IVON's posterior as it is)")
-    old_mean: str = setting("newton", help="the old posterior's mean as the next prior of poco/poco-tempered with "
-                            "old_posterior=curvature: newton (the fixed point (29) assumes, m_old - r/p_old with r the "
-                            "learner's gradient at m_old) or final (m_old as it is)")
+    old_mean: str = setting("newton", help="the old posterior's mean as the next prior of poco (unbiased N_old, no "
+                            "memory_weight) with old_posterior=curvature: newton (the fixed point (29) assumes, "
+                            "m_old - r/p_old with r the learner's gradient at m_old) or final (m_old as it is)")
     old_posterior_mc: int = setting(1, help="antithetic draws of the end-of-task curvature pass (methods laplace, "
                                     "poco with old_posterior=curvature)")
     converge_tol: float = setting(0.01, help="old_posterior=converge: stop when ||h_after - h_before|| / ||h_before|| "
