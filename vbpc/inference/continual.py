@@ -392,6 +392,7 @@ class ContinualIVON(IVONPoCo):
         return laplace_posterior(self.posterior(mdl), self.prior(), mdl, loss_fn, data, data_size=n_new, terms=terms,
                                  floor=floor, mc_samples=mc_samples, seed=seed, progress=progress)
 
+    @torch.no_grad()
     def residual(self, loss_fn: Callable[[Any], Tensor], data: Iterable[Any], *,
                  memory: Optional[Iterable[Any]] = None, mc_samples: int = 1, seed: int = 0,
                  model: Optional[nn.Module] = None, progress: bool = False) -> list[Tensor]:

@@ -244,6 +244,7 @@ def laplace_posterior(posterior: DiagonalGaussian, prior: DiagonalGaussian, mode
     return DiagonalGaussian(entries).bind(model), clamped
 
 
+@torch.no_grad()
 def newton_mean(posterior: DiagonalGaussian, residual: list[Tensor]) -> DiagonalGaussian:
     r"""The old posterior as the fixed point that (29) assumes: one Newton step on the mean,
 
