@@ -160,3 +160,22 @@ def test_newton_prior_lands_at_the_joint_map():
 
     fixed, plain = run(True), run(False)
     assert fixed < 0.25 and plain > 0.5 and plain > 3 * fixed
+
+
+@pytest.mark.parametrize("old_mean", ["newton", "final"])
+def test_workflow_moves_the_unbiased_poco_prior_to_the_fixed_point(tmp_path, old_mean):
+    """vbpc continual: with old_mean=newton (the default) poco's next prior is newton_mean(q_old, r) with the
+    correction anchored at q_old (the residual of each task is computed and logged); poco-tempered (a
+    tempered N_old) and old_mean=final keep q_old as the prior."""
+    import json
+
+    from vbpc.cli import main
+
+    tiny = ["tasks.train_size=256", "tasks.test_size=100", "tasks.memory_per_task=16", "tasks.memory_batch_size=16",
+            "tasks.batch_size=32", "seeds=[0]", "test_samples=1", "progress=false", "model.kwargs={hidden: [16]}",
+            "tasks.n_tasks=2", "methods=[poco, poco-tempered]", f"tasks.old_mean={old_mean}", f"out={tmp_path}"]
+    assert main(["continual", "examples/configs/continual_permuted.yaml", *sum((["--set", s] for s in tiny), [])]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    newton = old_mean == "newton"
+    assert all(("residual_norm" in r) == (newton and r["method"] == "poco") for r in rows)
+    assert all(r["residual_norm"] > 0 for r in rows if "residual_norm" in r)
