@@ -309,8 +309,8 @@ def test_23_cli_reports_a_config_error(tmp_path, capsys):
     assert err == ("vbpc: error: unknown config key 'tasks.epoch'; did you mean 'tasks.epochs'? (valid keys: "
                    "tasks.scenario, tasks.n_tasks, tasks.train_size, tasks.test_size, tasks.batch_size, tasks.epochs, "
                    "tasks.memory_per_task, tasks.memory_batch_size, tasks.memory_weight, tasks.tempered_weight, "
-                   "tasks.old_posterior, tasks.old_posterior_mc, tasks.converge_tol, tasks.converge_max_epochs, "
-                   "tasks.clamp_memory_curvature, tasks.memory_curvature_every, tasks.ess, "
+                   "tasks.old_posterior, tasks.old_mean, tasks.old_posterior_mc, tasks.converge_tol, "
+                   "tasks.converge_max_epochs, tasks.clamp_memory_curvature, tasks.memory_curvature_every, tasks.ess, "
                    "tasks.memory_curvature_mc, tasks.root) (vbpc continual)\n")  # one line, no traceback
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(ConfigError, match="unknown config key 'tasks.epoch'"):  # --debug: the exception itself
