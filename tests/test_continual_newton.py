@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_continual_kprior import _ce_map, _two_class_tasks  # the shared fixtures
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,33 +20,12 @@ N, WD = 200, 1e-2
 
 
 def _tasks():
-    def task(seed, shift):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(N, 5, generator=g, dtype=torch.float64) + shift
-        w = torch.randn(5, generator=g, dtype=torch.float64) * 2
-        y = (x @ w + 0.5 * torch.randn(N, generator=g, dtype=torch.float64) > 0).long()
-        return x, y
-    return task(1, 0.0), task(2, 0.5)
+    return _two_class_tasks(N)
 
 
 def _map(parts) -> nn.Module:
     """argmin Σ_parts Σ_i CE_i + (N δ/2)‖θ‖² (the base prior N(0, Nδ))."""
-    model = nn.Linear(5, 2).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in parts) \
-            + 0.5 * N * WD * sum(p.square().sum() for p in model.parameters())
-        loss.backward()
-        return loss
-    for _ in range(5):
-        opt.step(closure)
-    return model
+    return _ce_map(parts, WD, N)
 
 
 def _flat(ts) -> torch.Tensor:

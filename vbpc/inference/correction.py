@@ -46,7 +46,7 @@ from .._runtime import capture_rng, restore_rng
 from ..errors import SamplingError
 from .poco import ALPHA_SCHEDULES, ANCHOR_NOISE, Anchor, alpha_at
 
-__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "refuse_low_precision", "ALPHA_SCHEDULES",
+__all__ = ["PoCo", "ReplayCorrection", "Correction", "CorrectedLearner", "add_full_precision_group", "ALPHA_SCHEDULES",
            "ANCHOR_NOISE", "ALPHA_MODES", "ANCHOR_UPDATES"]
 
 #: ``"scheduled"``: one α_t for every tensor (eq. 22); ``"optimal"``: a per-tensor control-variate α
@@ -306,15 +306,18 @@ class Correction:
         Anchor(self.anchor.params).load_state_dict(state["anchor"])
 
 
-def refuse_low_precision(learner: str, params: Iterable[Any]) -> None:
-    """Learners that keep the mean in the parameters themselves (no fp32 master copy) refuse bf16/fp16
-    parameters (call it from ``add_param_group``, which every group passes through): updates below their
-    resolution would be lost silently."""
-    for p in params:
-        if p.dtype in (torch.bfloat16, torch.float16):
-            raise TypeError(f"{learner} keeps its mean in the parameters (no fp32 master copy), so {p.dtype} "
-                            "(bf16/fp16) parameters would silently lose updates below their resolution: use float32 "
-                            "parameters (autocast for mixed precision), or vbpc.IVON, which keeps fp32 masters")
+def add_full_precision_group(opt: Any, param_group: dict[str, Any]) -> None:
+    """``torch.optim.Optimizer.add_param_group`` for learners that keep the mean in the parameters themselves
+    (no fp32 master copy): bf16/fp16 parameters are refused, checked on the group as torch.optim stored it
+    (tensors, also from (name, tensor) pairs), and a refused group is removed again.  Updates below their
+    resolution would otherwise be lost silently."""
+    torch.optim.Optimizer.add_param_group(opt, param_group)
+    low = [p.dtype for p in opt.param_groups[-1]["params"] if p.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        opt.param_groups.pop()
+        raise TypeError(f"{type(opt).__name__} keeps its mean in the parameters (no fp32 master copy), so {low[0]} "
+                        "(bf16/fp16) parameters would silently lose updates below their resolution: use float32 "
+                        "parameters (autocast for mixed precision), or vbpc.IVON, which keeps fp32 masters")
 
 
 class CorrectedLearner:

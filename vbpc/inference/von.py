@@ -39,7 +39,7 @@ from ..errors import NonFiniteError, SamplingError, StateDictMismatchError
 from ..nn.norm import RunningStatsGuard
 from ..posterior.base import MeanEntry, cholesky, perturbation
 from ..posterior.full import FullGaussian
-from .correction import CorrectedLearner, PoCo, refuse_low_precision
+from .correction import CorrectedLearner, PoCo, add_full_precision_group
 
 __all__ = ["VONPoCo", "VON"]
 
@@ -121,12 +121,7 @@ class VONPoCo(CorrectedLearner, Optimizer):
         if self.param_groups:
             raise ValueError(f"{type(self).__name__} takes one param group (one flat Gaussian over every parameter, "
                              "with one lr/ess/weight_decay); got a second: pass the parameters as one group")
-        super().add_param_group(param_group)
-        try:  # checked on the group as torch.optim stored it (tensors, also from (name, tensor) pairs)
-            refuse_low_precision(type(self).__name__, self.param_groups[-1]["params"])
-        except TypeError:
-            self.param_groups.pop()
-            raise
+        add_full_precision_group(self, param_group)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:

@@ -20,7 +20,7 @@ from ..functional import check_clip_grad_norm, clip_coef
 from ..nn.norm import RunningStatsGuard
 from ..posterior import perturbation
 from .closures import closure_loss, require_grads
-from .correction import CorrectedLearner, PoCo, ReplayCorrection, refuse_low_precision
+from .correction import CorrectedLearner, PoCo, ReplayCorrection, add_full_precision_group
 
 __all__ = ["VSGDPoCo", "VSGD", "SVRG", "AlphaSVRG"]
 
@@ -131,12 +131,7 @@ class VSGDPoCo(CorrectedLearner, Optimizer):
         self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:  # checked on the group as torch.optim stored it (tensors, also from (name, tensor) pairs)
-            refuse_low_precision(type(self).__name__, self.param_groups[-1]["params"])
-        except TypeError:
-            self.param_groups.pop()
-            raise
+        add_full_precision_group(self, param_group)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
